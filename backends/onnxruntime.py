@@ -1,0 +1,216 @@
+"""ONNX Runtime backend: CPU execution provider, CUDA execution provider on GPU instances.
+
+Parameters (config.yaml `parameters`):
+  intra_op_thread_count   threads inside one operator (ONNX Runtime's default: all cores)
+  inter_op_thread_count   threads across operators when execution_mode is parallel
+  execution_mode          "sequential" (default) or "parallel"
+  graph_optimization_level  "disable", "basic", "extended" or "all" (default)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tiffin.protos.model_config import ModelConfig, TensorConfig
+
+from .base import Backend, Device
+
+# ONNX type strings as onnxruntime reports them -> wire datatypes.
+_ONNX_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(bfloat16)": "BF16",
+    "tensor(string)": "BYTES",
+}
+
+PARAMETERS = ("intra_op_thread_count", "inter_op_thread_count", "execution_mode",
+              "graph_optimization_level")
+
+# Triton's ONNX Runtime backend completes max_batch_size to 4 for models whose
+# every tensor has a variable first dimension; so do we.
+DEFAULT_MAX_BATCH_SIZE = 4
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise RuntimeError(
+            "the onnxruntime backend needs ONNX Runtime: pip install 'tiffin[cpu]' "
+            "(or 'tiffin[gpu]' for CUDA)"
+        ) from None
+    return onnxruntime
+
+
+def _dims(shape: list[Any]) -> list[int]:
+    """ONNX shapes hold ints, symbolic names or None; the last two are variable (-1)."""
+    return [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
+
+
+def _describe(args: list[Any], what: str) -> list[TensorConfig]:
+    tensors = []
+    for arg in args:
+        if arg.type not in _ONNX_TYPES:
+            raise ValueError(f"model {what} '{arg.name}' has type {arg.type}, which Tiffin cannot serve")
+        tensors.append(TensorConfig(name=arg.name, datatype=_ONNX_TYPES[arg.type], dims=_dims(arg.shape)))
+    return tensors
+
+
+def _complete_tensors(declared: list[TensorConfig], found: list[TensorConfig], batch: bool,
+                      what: str, require_all: bool) -> list[TensorConfig]:
+    """Checks declared tensors against the model file and fills in what was left out."""
+    by_name = {t.name: t for t in found}
+    for t in declared:
+        if t.name not in by_name:
+            raise ValueError(
+                f"{what} '{t.name}' is not in the model; the model's {what}s are "
+                f"{', '.join(sorted(by_name))}"
+            )
+    declared_names = {t.name for t in declared}
+    missing = [t.name for t in found if t.name not in declared_names]
+    if declared and require_all and missing:
+        raise ValueError(f"{what}s {', '.join(missing)} of the model are missing from the config")
+    completed = []
+    for model_t in found if not declared else [by_name[t.name] for t in declared]:
+        model_dims = model_t.dims[1:] if batch else model_t.dims
+        given = next((t for t in declared if t.name == model_t.name), None)
+        if given is None:
+            completed.append(model_t.model_copy(update={"dims": model_dims}))
+            continue
+        if given.datatype != model_t.datatype:
+            raise ValueError(
+                f"{what} '{given.name}' is declared {given.datatype} but the model has "
+                f"{model_t.datatype}"
+            )
+        fits = len(given.dims) == len(model_dims) and all(
+            m == -1 or g == m for g, m in zip(given.dims, model_dims, strict=True)
+        )
+        if not fits:
+            shown = "[-1] + " if batch else ""
+            raise ValueError(
+                f"{what} '{given.name}' is declared with dims {given.dims} but the model's shape "
+                f"is {model_t.dims} ({shown}dims expected to match {model_dims})"
+            )
+        completed.append(given)
+    return completed
+
+
+class OnnxRuntimeBackend(Backend):
+    """Runs `model.onnx` with ONNX Runtime."""
+
+    name = "onnxruntime"
+    default_model_filename = "model.onnx"
+
+    def __init__(self) -> None:
+        self._session: Any = None
+        self._string_inputs: set[str] = set()
+
+    @classmethod
+    def complete_config(cls, config: ModelConfig, model_path: Path) -> ModelConfig:
+        ort = _import_ort()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 4  # failures are reported below, once
+        try:
+            session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ValueError(f"onnxruntime cannot load {model_path}: {exc}") from None
+        inputs = _describe(session.get_inputs(), "input")
+        outputs = _describe(session.get_outputs(), "output")
+        variable_first = all(t.dims and t.dims[0] == -1 for t in inputs + outputs)
+        max_batch = config.max_batch_size
+        if max_batch is None:
+            max_batch = DEFAULT_MAX_BATCH_SIZE if variable_first else 0
+        elif max_batch > 0 and not variable_first:
+            fixed = [t.name for t in inputs + outputs if not t.dims or t.dims[0] != -1]
+            raise ValueError(
+                f"max_batch_size is {max_batch} but tensor(s) {', '.join(fixed)} of the model "
+                "have no variable first dimension to batch on; set max_batch_size: 0"
+            )
+        batch = max_batch > 0
+        unknown = sorted(set(config.parameters) - set(PARAMETERS))
+        if unknown:
+            raise ValueError(
+                f"parameters {', '.join(unknown)} are unknown to the onnxruntime backend; "
+                f"it reads {', '.join(PARAMETERS)}"
+            )
+        return config.model_copy(update={
+            "backend": cls.name,
+            "platform": config.platform or "onnxruntime_onnx",
+            "max_batch_size": max_batch,
+            "inputs": _complete_tensors(config.inputs, inputs, batch, "input", require_all=True),
+            "outputs": _complete_tensors(config.outputs, outputs, batch, "output", require_all=False),
+        })
+
+    def load(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
+        ort = _import_ort()
+        options = ort.SessionOptions()
+        params = config.parameters
+        if "intra_op_thread_count" in params:
+            options.intra_op_num_threads = int(params["intra_op_thread_count"])
+        if "inter_op_thread_count" in params:
+            options.inter_op_num_threads = int(params["inter_op_thread_count"])
+        if str(params.get("execution_mode", "sequential")) == "parallel":
+            options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+        level = str(params.get("graph_optimization_level", "all"))
+        levels = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
+        if level not in levels:
+            raise ValueError(f"graph_optimization_level must be one of {', '.join(levels)}, got '{level}'")
+        options.graph_optimization_level = levels[level]
+        if device.kind == "gpu":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RuntimeError(
+                    "a GPU instance needs onnxruntime-gpu (pip install 'tiffin[gpu]'); the installed "
+                    f"onnxruntime offers {', '.join(ort.get_available_providers())}"
+                )
+            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device.id})]
+        else:
+            providers = ["CPUExecutionProvider"]
+        path = version_dir / (config.default_model_filename or self.default_model_filename)
+        self._session = ort.InferenceSession(str(path), options, providers=providers)
+        if device.kind == "gpu" and "CUDAExecutionProvider" not in self._session.get_providers():
+            raise RuntimeError(f"onnxruntime could not place the model on CUDA device {device.id}")
+        self._string_inputs = {i.name for i in config.inputs if i.datatype == "BYTES"}
+
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        feed = {}
+        for name, array in inputs.items():
+            if name in self._string_inputs:
+                array = _decode_strings(name, array)
+            feed[name] = array
+        results = self._session.run(outputs, feed)
+        return dict(zip(outputs, results, strict=True))
+
+    def unload(self) -> None:
+        self._session = None
+
+
+def _decode_strings(name: str, array: np.ndarray) -> np.ndarray:
+    """onnxruntime string tensors take str; BYTES elements arrive as bytes."""
+    decoded = np.empty(array.shape, dtype=np.object_)
+    flat = decoded.reshape(-1)
+    for i, item in enumerate(array.reshape(-1)):
+        try:
+            flat[i] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+        except UnicodeDecodeError:
+            raise ValueError(f"element {i} of input '{name}' is not valid UTF-8 text") from None
+    return decoded

@@ -1,0 +1,228 @@
+"""The schema of a model's config.yaml, mirroring Triton's model_config.proto in snake_case.
+
+Validated once when the repository is read and never mutated afterwards: a backend
+that completes a config from the model file returns a new one (`model_copy`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .datatypes import DATATYPES, datatype
+
+ParameterValue = str | bool | int | float
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class TensorConfig(_Frozen):
+    """One model input or output."""
+
+    name: str = Field(description="Tensor name, as the model file and clients know it.")
+    datatype: str = Field(
+        validation_alias=AliasChoices("datatype", "data_type"),
+        description="Wire datatype such as FP32 or BYTES (Triton's TYPE_FP32 is accepted too).",
+    )
+    dims: list[int] = Field(
+        description="Shape without the batch dimension when max_batch_size > 0; -1 is variable."
+    )
+    optional: bool = Field(False, description="An input that requests may leave out.")
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        try:
+            return datatype(value.upper()).name
+        except KeyError:
+            raise ValueError(
+                f"unknown datatype '{value}'; expected one of {', '.join(DATATYPES)}"
+            ) from None
+
+    @field_validator("dims")
+    @classmethod
+    def _valid_dims(cls, value: list[int]) -> list[int]:
+        bad = [d for d in value if d < -1]
+        if bad:
+            raise ValueError(f"dims must be -1 (variable) or >= 0, got {bad[0]}")
+        return value
+
+
+class LatestPolicy(_Frozen):
+    """Serve the newest `num_versions` versions."""
+
+    num_versions: int = Field(1, ge=1, description="How many of the newest versions to serve.")
+
+
+class AllPolicy(_Frozen):
+    """Serve every version found."""
+
+
+class SpecificPolicy(_Frozen):
+    """Serve exactly the listed versions."""
+
+    versions: list[int] = Field(min_length=1, description="Version numbers to serve.")
+
+
+class VersionPolicy(_Frozen):
+    """Which version folders are served; exactly one of latest, all, specific."""
+
+    latest: LatestPolicy | None = Field(None, description="Serve the newest N versions.")
+    all: AllPolicy | None = Field(None, description="Serve every version.")
+    specific: SpecificPolicy | None = Field(None, description="Serve the listed versions.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exactly_one(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        chosen = [k for k in ("latest", "all", "specific") if k in data]
+        if len(chosen) > 1:
+            raise ValueError(f"give only one of latest, all, specific (got {', '.join(chosen)})")
+        if not chosen:
+            return {"latest": {}}
+        # `all:` with nothing after it reads as None in YAML; it still means "all".
+        return {k: ({} if v is None else v) for k, v in data.items()}
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to serve among those found on disk, ascending."""
+        ordered = sorted(available)
+        if self.all is not None:
+            return ordered
+        if self.specific is not None:
+            return [v for v in ordered if v in set(self.specific.versions)]
+        latest = self.latest or LatestPolicy()
+        return ordered[-latest.num_versions :]
+
+
+InstanceKind = Literal["auto", "cpu", "gpu"]
+
+
+class InstanceGroup(_Frozen):
+    """A group of identical model instances on one kind of device."""
+
+    name: str = Field("", description="Group name, for logs.")
+    count: int = Field(1, ge=1, description="Instances in this group (per GPU for kind gpu).")
+    kind: InstanceKind = Field(
+        "auto", description="cpu, gpu, or auto (a GPU when one is present, else the CPU)."
+    )
+    gpus: list[int] = Field(default_factory=list, description="GPU ids for kind gpu/auto.")
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _normalise_kind(cls, value: object) -> object:
+        # Accept Triton's KIND_GPU spelling as well as plain gpu.
+        if isinstance(value, str):
+            value = value.lower().removeprefix("kind_")
+        return value
+
+
+class QueuePolicy(_Frozen):
+    """How a priority level's queue treats waiting requests."""
+
+    timeout_action: Literal["REJECT", "DELAY"] = Field(
+        "REJECT", description="What happens to a request whose timeout expires in the queue."
+    )
+    default_timeout_microseconds: int = Field(
+        0, ge=0, description="Queue timeout for requests that set none; 0 means none."
+    )
+    allow_timeout_override: bool = Field(
+        False, description="Whether a request's `timeout` parameter may shorten the timeout."
+    )
+    max_queue_size: int = Field(0, ge=0, description="Queue length limit; 0 means unbounded.")
+
+
+class DynamicBatching(_Frozen):
+    """Combine requests into batches on the server (Triton's dynamic_batching)."""
+
+    preferred_batch_size: list[int] = Field(
+        default_factory=list, description="Batch sizes to dispatch as soon as they are reached."
+    )
+    max_queue_delay_microseconds: int = Field(
+        0, ge=0, description="How long the first request of a batch may wait for others."
+    )
+    preserve_ordering: bool = Field(False, description="Answer in arrival order.")
+    priority_levels: int = Field(0, ge=0, description="Number of priority levels; 0 means one.")
+    default_priority_level: int = Field(
+        0, ge=0, description="Level of requests that set no priority."
+    )
+    default_queue_policy: QueuePolicy = Field(
+        default_factory=QueuePolicy, description="Queue policy of every level not listed below."
+    )
+    priority_queue_policy: dict[int, QueuePolicy] = Field(
+        default_factory=dict, description="Queue policy per priority level."
+    )
+
+    @model_validator(mode="after")
+    def _levels_in_range(self) -> DynamicBatching:
+        if self.priority_levels and self.default_priority_level > self.priority_levels:
+            raise ValueError(
+                f"default_priority_level {self.default_priority_level} is above "
+                f"priority_levels {self.priority_levels}"
+            )
+        for level in self.priority_queue_policy:
+            if not 1 <= level <= max(self.priority_levels, 1):
+                raise ValueError(
+                    f"priority_queue_policy level {level} is outside 1..{self.priority_levels}"
+                )
+        return self
+
+
+class ModelConfig(_Frozen):
+    """A model's config.yaml. Fields a backend can read from the model file may be omitted."""
+
+    name: str = Field("", description="Model name; must match its folder (defaults to it).")
+    backend: str = Field("", description="Backend that runs the model, e.g. onnxruntime.")
+    platform: str = Field("", description="Triton platform name; informational.")
+    max_batch_size: int | None = Field(
+        None, ge=0, description="Largest batch; 0 means the model does not batch."
+    )
+    inputs: list[TensorConfig] = Field(
+        default_factory=list, validation_alias=AliasChoices("inputs", "input")
+    )
+    outputs: list[TensorConfig] = Field(
+        default_factory=list, validation_alias=AliasChoices("outputs", "output")
+    )
+    version_policy: VersionPolicy = Field(
+        default_factory=VersionPolicy, description="Which versions to serve (latest 1)."
+    )
+    instance_group: list[InstanceGroup] = Field(
+        default_factory=lambda: [InstanceGroup()], description="Where instances run."
+    )
+    dynamic_batching: DynamicBatching | None = Field(
+        None, description="Server-side batching; absent means requests run one by one."
+    )
+    parameters: dict[str, ParameterValue] = Field(
+        default_factory=dict, description="Backend settings, e.g. intra_op_thread_count."
+    )
+    default_model_filename: str = Field(
+        "", description="Model file inside each version folder (the backend's default if empty)."
+    )
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ModelConfig:
+        for kind, tensors in (("inputs", self.inputs), ("outputs", self.outputs)):
+            seen: set[str] = set()
+            for t in tensors:
+                if t.name in seen:
+                    raise ValueError(f"{kind} lists '{t.name}' twice")
+                seen.add(t.name)
+        if self.dynamic_batching and self.max_batch_size is not None:
+            too_big = [p for p in self.dynamic_batching.preferred_batch_size
+                       if p > self.max_batch_size or p < 1]
+            if too_big:
+                raise ValueError(
+                    f"dynamic_batching.preferred_batch_size {too_big[0]} must be within "
+                    f"1..max_batch_size ({self.max_batch_size})"
+                )
+        return self
+
+    @property
+    def batching(self) -> bool:
+        """Whether requests carry a leading batch dimension."""
+        return bool(self.max_batch_size)
+
+

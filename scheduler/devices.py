@@ -1,0 +1,54 @@
+"""Which devices instances may use, decided in the frontend before any framework loads."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from tiffin.backends import Device
+from tiffin.protos.model_config import InstanceGroup
+
+log = logging.getLogger(__name__)
+
+
+def visible_gpus() -> list[int]:
+    """GPU ids this process may use: the NVIDIA driver's list, narrowed by CUDA_VISIBLE_DEVICES.
+
+    Read from /proc so that no CUDA library is imported in the frontend.
+    """
+    driver = Path("/proc/driver/nvidia/gpus")
+    present = len(list(driver.iterdir())) if driver.is_dir() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return list(range(present))
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    return [i for i in range(len(ids)) if i < present]
+
+
+def place_instances(groups: list[InstanceGroup], model: str) -> list[Device]:
+    """One Device per instance. Raises ValueError when a GPU asked for is not here."""
+    gpus = visible_gpus()
+    devices: list[Device] = []
+    for group in groups:
+        label = f"instance_group '{group.name}'" if group.name else "instance_group"
+        if group.kind == "cpu":
+            devices += [Device("cpu")] * group.count
+            continue
+        wanted = group.gpus or gpus
+        missing = [g for g in group.gpus if g not in gpus]
+        if group.kind == "gpu" and (missing or not wanted):
+            have = ", ".join(map(str, gpus)) or "none"
+            asked = ", ".join(map(str, missing)) if missing else "any"
+            raise ValueError(
+                f"{label} of model '{model}' asks for GPU {asked}, but this machine's visible "
+                f"GPUs are: {have}"
+            )
+        if group.kind == "auto" and (missing or not wanted):
+            log.warning("model '%s': no GPU available for %s of kind auto; using the CPU",
+                        model, label)
+            devices += [Device("cpu")] * group.count
+            continue
+        for gpu in wanted:
+            devices += [Device("gpu", gpu)] * group.count
+    return devices

@@ -1,0 +1,43 @@
+"""The scheduler's request and response: numpy tensors plus what scheduling needs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """A model version, the unit the scheduler serves."""
+
+    name: str
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.name} version {self.version}"
+
+
+@dataclass
+class InferenceRequest:
+    """One decoded, validated request for one model version."""
+
+    model: ModelKey
+    inputs: dict[str, np.ndarray]
+    outputs: list[str]  # requested outputs, resolved: never empty
+    id: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 1  # rows in the first dimension; 1 for models that do not batch
+    deadline: float | None = None  # time.monotonic() after which the client no longer waits
+    arrival_ns: int = field(default_factory=time.monotonic_ns)
+
+
+@dataclass
+class InferenceResponse:
+    """The outputs of one request, by name, in the order they were requested."""
+
+    model: ModelKey
+    outputs: dict[str, np.ndarray]
+    id: str = ""

@@ -1,0 +1,340 @@
+"""GRPCInferenceService: protobuf in, one call into the model manager or scheduler, protobuf out.
+
+Handlers run on the synchronous gRPC server's threads and hand inference to the
+scheduler's event loop. Errors from the core are TiffinErrors and become a gRPC
+status here, at the edge, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from tiffin.protos import SERVICE_NAME, protocol
+from tiffin.protos.errors import (
+    Cancelled,
+    InvalidInput,
+    ServerNotReady,
+    TiffinError,
+    Unsupported,
+)
+from tiffin.protos.model_config import ModelConfig
+from tiffin.scheduler import InferenceResponse, ModelKey, Scheduler
+
+from .config_message import config_message
+from .inference import decode_request, encode_response
+from .manager import LOADING, READY, ModelManager
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "tiffin"
+# Only what really works is advertised: perf_analyzer acts on this list.
+EXTENSIONS = ["model_configuration", "statistics", "model_repository"]
+
+
+def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Maps TiffinErrors to their status; anything else is a bug, reported as INTERNAL."""
+
+    @functools.wraps(method)
+    def handler(self: InferenceService, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except TiffinError as exc:
+            context.abort(exc.code, exc.message)
+        except Exception as exc:
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {exc}")
+
+    return handler
+
+
+class ServerState:
+    """Whether the server is ready, shared between the Server and its handlers."""
+
+    def __init__(self) -> None:
+        self.loaded = False  # the repository's first load has finished
+        self.stopping = False
+
+    def check_accepting(self) -> None:
+        if self.stopping:
+            raise ServerNotReady(
+                "the server is shutting down and has stopped accepting new requests"
+            )
+
+
+class InferenceService:
+    """One method per RPC of inference.GRPCInferenceService that Tiffin offers."""
+
+    def __init__(self, manager: ModelManager, scheduler: Scheduler,
+                 loop: asyncio.AbstractEventLoop, state: ServerState, version: str,
+                 strict_readiness: bool, on_models_changed: Callable[[], None]) -> None:
+        self._pb = protocol()
+        self._manager = manager
+        self._scheduler = scheduler
+        self._loop = loop
+        self._state = state
+        self._version = version
+        self._strict = strict_readiness
+        self._on_models_changed = on_models_changed
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        """Handlers for every RPC in inference.proto; those not offered answer UNIMPLEMENTED."""
+        handlers = {}
+        for method in self._pb.service.methods:
+            request_cls = getattr(self._pb, method.input_type.name)
+            response_cls = getattr(self._pb, method.output_type.name)
+            behaviour = getattr(self, method.name, None) or self._unimplemented(method.name)
+            make = (grpc.stream_stream_rpc_method_handler if method.client_streaming
+                    else grpc.unary_unary_rpc_method_handler)
+            handlers[method.name] = make(behaviour, request_deserializer=request_cls.FromString,
+                                         response_serializer=response_cls.SerializeToString)
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+    @staticmethod
+    def _unimplemented(name: str) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def handler(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                          f"{name} is not offered by this server (Tiffin)")
+
+        return handler
+
+    def _on_loop(self, coroutine: Any) -> concurrent.futures.Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def is_ready(self) -> bool:
+        if not self._state.loaded or self._state.stopping:
+            return False
+        return self._manager.all_ready() if self._strict else True
+
+    # ---- health and metadata ------------------------------------------------------------
+
+    @_rpc
+    def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._pb.ServerLiveResponse(live=not self._state.stopping)
+
+    @_rpc
+    def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._pb.ServerReadyResponse(ready=self.is_ready())
+
+    @_rpc
+    def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
+        state = self._manager.state(request.name)
+        loading = [v for v, s in state.versions.items() if s.state == LOADING]
+        if request.version == "" and loading and not state.ready_versions():
+            return self._pb.ModelReadyResponse(ready=False)
+        if request.version.isdigit() and int(request.version) in loading:
+            return self._pb.ModelReadyResponse(ready=False)
+        self._manager.resolve(request.name, request.version)
+        return self._pb.ModelReadyResponse(ready=not self._state.stopping)
+
+    @_rpc
+    def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version,
+                                               extensions=EXTENSIONS)
+
+    @_rpc
+    def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        spec = self._manager.resolve(request.name, request.version)
+        config = spec.config
+        assert config is not None
+        versions = ([request.version] if request.version
+                    else [str(v) for v in self._manager.state(request.name).ready_versions()])
+        batch = [-1] if config.batching else []
+        response = self._pb.ModelMetadataResponse(name=config.name, versions=versions,
+                                                  platform=config.platform or config.backend)
+        for tensor in config.inputs:
+            response.inputs.add(name=tensor.name, datatype=tensor.datatype,
+                                shape=batch + list(tensor.dims))
+        for tensor in config.outputs:
+            response.outputs.add(name=tensor.name, datatype=tensor.datatype,
+                                 shape=batch + list(tensor.dims))
+        return response
+
+    @_rpc
+    def ModelConfig(self, request: Any, context: grpc.ServicerContext) -> Any:
+        spec = self._manager.resolve(request.name, request.version)
+        assert spec.config is not None
+        return self._pb.ModelConfigResponse(config=config_message(spec.config))
+
+    @_rpc
+    def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if request.name:
+            if request.version:
+                keys = [ModelKey(request.name,
+                                 self._manager.resolve(request.name, request.version).version)]
+            else:
+                state = self._manager.state(request.name)
+                keys = [ModelKey(request.name, v) for v in state.ready_versions()]
+        else:
+            keys = [ModelKey(s.name, v) for s in self._manager.models() for v in s.ready_versions()]
+        response = self._pb.ModelStatisticsResponse()
+        for key in keys:
+            self._fill_statistics(response.model_stats.add(), key)
+        return response
+
+    def _fill_statistics(self, target: Any, key: ModelKey) -> None:
+        stats = self._scheduler.statistics(key)
+        target.name = key.name
+        target.version = str(key.version)
+        target.last_inference = stats.last_inference_ms
+        target.inference_count = stats.inference_count
+        target.execution_count = stats.execution_count
+        infer = target.inference_stats
+        for name in ("success", "fail", "queue", "compute_input", "compute_infer",
+                     "compute_output", "cache_hit", "cache_miss"):
+            duration = getattr(stats, name, None)
+            field = getattr(infer, name)
+            field.SetInParent()  # Triton fills every sub-message, zeros included
+            if duration is not None:
+                field.count, field.ns = duration.count, duration.ns
+        for size in sorted(stats.batches):
+            batch = stats.batches[size]
+            entry = target.batch_stats.add(batch_size=size)
+            for name in ("compute_input", "compute_infer", "compute_output"):
+                duration = getattr(batch, name)
+                getattr(entry, name).count = duration.count
+                getattr(entry, name).ns = duration.ns
+
+    # ---- repository ----------------------------------------------------------------------
+
+    @_rpc
+    def RepositoryIndex(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if request.repository_name:
+            self._check_repository(request.repository_name)
+        response = self._pb.RepositoryIndexResponse()
+        for model in self._manager.models():
+            if not model.versions:
+                if not request.ready:
+                    response.models.add(name=model.name, state="UNAVAILABLE", reason=model.error)
+                continue
+            for number, version in sorted(model.versions.items()):
+                if request.ready and version.state != READY:
+                    continue
+                response.models.add(name=model.name, version=str(number), state=version.state,
+                                    reason=version.reason)
+        return response
+
+    @_rpc
+    def RepositoryModelLoad(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._state.check_accepting()
+        if request.repository_name:
+            self._check_repository(request.repository_name)
+        if len(request.parameters):
+            raise Unsupported(
+                "loading with a config or files override is not supported; edit the model "
+                "folder in the repository and load it again"
+            )
+        try:
+            self._on_loop(self._manager.load(request.model_name)).result()
+        finally:
+            self._on_models_changed()
+        return self._pb.RepositoryModelLoadResponse()
+
+    @_rpc
+    def RepositoryModelUnload(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if request.repository_name:
+            self._check_repository(request.repository_name)
+        try:
+            self._on_loop(self._manager.unload(request.model_name)).result()
+        finally:
+            self._on_models_changed()
+        return self._pb.RepositoryModelUnloadResponse()
+
+    def _check_repository(self, name: str) -> None:
+        if name != self._manager.repository.name:
+            raise InvalidInput(
+                f"unknown repository '{name}'; this server serves '{self._manager.repository.name}'"
+            )
+
+    # ---- inference -----------------------------------------------------------------------
+
+    def _start_infer(self, msg: Any, deadline: float | None) -> tuple[Any, ModelConfig]:
+        """Validates and queues a request: a future of its InferenceResponse, and the config
+        it was checked against (which encodes the response)."""
+        self._state.check_accepting()
+        spec = self._manager.resolve(msg.model_name, msg.model_version)
+        assert spec.config is not None
+        request = decode_request(msg, ModelKey(msg.model_name, spec.version), spec.config,
+                                 deadline)
+        return self._on_loop(self._scheduler.submit(request)), spec.config
+
+    @_rpc
+    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        future, config = self._start_infer(request, deadline)
+        context.add_callback(future.cancel)  # the client went away: drop the request
+        try:
+            response: InferenceResponse = future.result()
+        except concurrent.futures.CancelledError:
+            raise Cancelled("the request was cancelled") from None
+        return encode_response(response, config)
+
+    def ModelStreamInfer(self, request_iterator: Iterator[Any],
+                         context: grpc.ServicerContext) -> Iterator[Any]:
+        """Reads requests on a thread of its own so that they run concurrently, and answers
+        each in request order. Errors are in-band unless the client asked otherwise."""
+        abort_on_error = any(k == "triton_grpc_error" and v == "true"
+                             for k, v in context.invocation_metadata())
+        pending: queue.SimpleQueue[tuple[Any, Any, ModelConfig | None] | None] = (
+            queue.SimpleQueue()
+        )
+        started: list[concurrent.futures.Future[Any]] = []
+
+        def read_requests() -> None:
+            try:
+                for msg in request_iterator:
+                    try:
+                        future, config = self._start_infer(msg, None)
+                        started.append(future)
+                        pending.put((msg, future, config))
+                    except TiffinError as exc:
+                        pending.put((msg, exc, None))
+            except Exception:  # the stream broke or was cancelled: stop reading
+                pass
+            finally:
+                pending.put(None)
+
+        def cancel_outstanding() -> None:
+            for future in started:
+                future.cancel()
+
+        context.add_callback(cancel_outstanding)
+        threading.Thread(target=read_requests, name="stream-reader", daemon=True).start()
+        while (item := pending.get()) is not None:
+            msg, outcome, config = item
+            try:
+                if isinstance(outcome, TiffinError):
+                    raise outcome
+                response = outcome.result()
+                yield self._pb.ModelStreamInferResponse(
+                    infer_response=encode_response(response, config, final=True)
+                )
+            except concurrent.futures.CancelledError:
+                return
+            except TiffinError as exc:
+                if abort_on_error:
+                    context.abort(exc.code, exc.message)
+                yield self._stream_error(msg, exc.message)
+            except Exception as exc:
+                log.exception("stream request failed")
+                if abort_on_error:
+                    context.abort(grpc.StatusCode.INTERNAL, str(exc))
+                yield self._stream_error(msg, f"internal error: {exc}")
+
+    def _stream_error(self, msg: Any, message: str) -> Any:
+        response = self._pb.ModelStreamInferResponse(error_message=message)
+        response.infer_response.id = msg.id
+        response.infer_response.model_name = msg.model_name
+        response.infer_response.model_version = msg.model_version
+        response.infer_response.parameters["triton_final_response"].bool_param = True
+        return response

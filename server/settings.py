@@ -1,0 +1,61 @@
+"""Server settings: one typed model, from which both CLI flags and TIFFIN_ env overrides come."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENV_PREFIX = "TIFFIN_"
+
+
+class ServerSettings(BaseModel):
+    """How `serverctl serve` runs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_repository: Path = Field(description="Folder of models, one sub-folder each.")
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    grpc_threads: int = Field(
+        64, ge=1,
+        description="gRPC handler threads; also the most RPCs served at once (streams hold one "
+                    "each); beyond it calls get RESOURCE_EXHAUSTED.",
+    )
+    max_message_bytes: int = Field(
+        2**31 - 1, ge=1024, description="Largest request or response message, in bytes."
+    )
+    strict_readiness: bool = Field(
+        False, description="ServerReady only when every model is ready (Triton's default)."
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="How long in-flight requests may take to finish at shutdown."
+    )
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Adds one --flag per settings field; its default comes from TIFFIN_<FIELD> if set."""
+    for name, field in ServerSettings.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        env = os.environ.get(ENV_PREFIX + name.upper())
+        default: Any = env if env is not None else field.default
+        required = field.is_required() and env is None
+        help_text = f"{field.description} [env {ENV_PREFIX}{name.upper()}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=str(default).lower() in ("1", "true", "yes"),
+                                help=help_text)
+        else:
+            parser.add_argument(flag, default=default, required=required,
+                                help=help_text + ("" if required else f" (default: {default})"))
+
+
+def settings_from_arguments(args: argparse.Namespace) -> ServerSettings:
+    values = {name: getattr(args, name) for name in ServerSettings.model_fields if hasattr(args, name)}
+    return ServerSettings.model_validate(values)
