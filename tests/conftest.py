@@ -1,0 +1,106 @@
+"""Fixtures: real `serverctl serve` processes on free loopback ports, gated on gRPC health."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "model_repository"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`serverctl serve` in a subprocess; `url` is host:port for clients."""
+
+    def __init__(self, repository: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"tiffin-serve-{self.port}.log"
+        self._log = open(self.log_path, "w+b")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tiffin.server.cli", "serve", "--model-repository",
+             str(repository), "--grpc-port", str(self.port), *extra],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+        self.wait_serving()
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.url) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"server did not become SERVING within {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def example_server() -> Iterator[ServerProcess]:
+    """The bundled example repository, served once for the whole session."""
+    server = ServerProcess(EXAMPLES)
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+@pytest.fixture
+def make_server() -> Iterator:
+    """Starts servers on demand; stops them (and checks a clean exit) after the test."""
+    started: list[ServerProcess] = []
+
+    def start(repository: Path, *extra: str, **kwargs) -> ServerProcess:
+        server = ServerProcess(repository, *extra, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def example_repo_copy(tmp_path: Path) -> Path:
+    """A writable copy of the example repository."""
+    target = tmp_path / "models"
+    shutil.copytree(EXAMPLES, target)
+    return target

@@ -1,0 +1,135 @@
+"""Server lifecycle: graceful shutdown, loading and unloading models, start-up failures."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from conftest import EXAMPLES, ServerProcess
+from models import slow_matmul, write_model
+
+SLOW_CONFIG = """
+backend: onnxruntime
+max_batch_size: 512
+parameters:
+  intra_op_thread_count: 1
+"""
+
+
+def slow_input(batch: int = 512) -> tc.InferInput:
+    tensor = tc.InferInput("INPUT0", [batch, 1024], "FP32")
+    tensor.set_data_from_numpy(np.ones((batch, 1024), np.float32))
+    return tensor
+
+
+@pytest.fixture
+def slow_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "models"
+    write_model(repo, "slow", SLOW_CONFIG, {1: partial(slow_matmul, size=1024, repeats=60)})
+    return repo
+
+
+def test_sigterm_finishes_in_flight_requests(slow_repo):
+    server = ServerProcess(slow_repo)
+    client = tc.InferenceServerClient(server.url)
+    outcome: dict = {}
+
+    def call() -> None:
+        try:
+            outcome["result"] = client.infer("slow", [slow_input()], client_timeout=60)
+        except InferenceServerException as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    time.sleep(0.2)  # the request (about a second of compute) is now running
+    server.proc.send_signal(signal.SIGTERM)
+    worker.join(60)
+    assert server.proc.wait(60) == 0, server.log()
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"].as_numpy("OUTPUT0").shape == (512, 1024)
+    assert "shutting down" in server.log()
+
+
+def test_requests_after_shutdown_began_are_refused(slow_repo):
+    server = ServerProcess(slow_repo)
+    client = tc.InferenceServerClient(server.url)
+    worker = threading.Thread(target=lambda: client.infer("slow", [slow_input()],
+                                                          client_timeout=60))
+    worker.start()
+    time.sleep(0.2)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    with pytest.raises(InferenceServerException) as info:
+        tc.InferenceServerClient(server.url).infer("slow", [slow_input(1)], client_timeout=10)
+    assert info.value.status() == "StatusCode.UNAVAILABLE"
+    worker.join(60)
+    assert server.proc.wait(60) == 0
+
+
+def test_load_and_unload_models(make_server, example_repo_copy):
+    server = make_server(example_repo_copy)
+    client = tc.InferenceServerClient(server.url)
+    client.unload_model("add_sub")
+    index = {(m.name, m.version): (m.state, m.reason)
+             for m in client.get_model_repository_index().models}
+    assert index[("add_sub", "1")] == ("UNAVAILABLE", "unloaded")
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("add_sub", [])
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+    assert "no available versions" in info.value.message()
+    assert client.is_model_ready("classifier")  # the others keep serving
+
+    client.load_model("add_sub")
+    assert client.is_model_ready("add_sub")
+
+    # A new model folder appears and is loaded on request.
+    shutil.copytree(EXAMPLES / "uppercase", example_repo_copy / "shout")
+    client.load_model("shout")
+    text = tc.InferInput("text", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"hi"], dtype=object))
+    assert list(client.infer("shout", [text]).as_numpy("upper")) == [b"HI"]
+
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model("not_there")
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "not_there" in info.value.message()
+
+
+def test_reload_picks_up_a_new_version(make_server, example_repo_copy):
+    server = make_server(example_repo_copy)
+    client = tc.InferenceServerClient(server.url)
+    shutil.copytree(example_repo_copy / "classifier" / "2", example_repo_copy / "classifier" / "3")
+    client.load_model("classifier")
+    assert sorted(client.get_model_metadata("classifier").versions) == ["2", "3"]
+    with pytest.raises(InferenceServerException) as info:
+        client.is_model_ready("classifier", "1")  # latest 2: version 1 is no longer served
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_port_already_taken_fails_clearly(example_server):
+    port = example_server.url.rsplit(":", 1)[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "tiffin.server.cli", "serve", "--model-repository", str(EXAMPLES),
+         "--grpc-port", port], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stdout + result.stderr
+
+
+def test_missing_repository_fails_clearly(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "tiffin.server.cli", "serve", "--model-repository",
+         str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "is not a folder" in result.stdout + result.stderr
