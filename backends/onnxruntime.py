@@ -32,7 +32,6 @@ _ONNX_TYPES = {
     "tensor(float16)": "FP16",
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
-    "tensor(bfloat16)": "BF16",
     "tensor(string)": "BYTES",
 }
 
@@ -63,6 +62,11 @@ def _dims(shape: list[Any]) -> list[int]:
 def _describe(args: list[Any], what: str) -> list[TensorConfig]:
     tensors = []
     for arg in args:
+        if arg.type == "tensor(bfloat16)":
+            raise ValueError(
+                f"model {what} '{arg.name}' is bfloat16, which onnxruntime's Python API cannot "
+                "exchange with numpy; export the model with FP16 or FP32 tensors"
+            )
         if arg.type not in _ONNX_TYPES:
             raise ValueError(f"model {what} '{arg.name}' has type {arg.type}, which Tiffin cannot serve")
         tensors.append(TensorConfig(name=arg.name, datatype=_ONNX_TYPES[arg.type], dims=_dims(arg.shape)))
