@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .base import Backend, Device
 
 # name in config.yaml -> "module:Class"; modules import their framework lazily.
@@ -19,7 +21,7 @@ def backend_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def resolve_backend_name(backend: str, platform: str = "", filenames: list[str] = ()) -> str:
+def resolve_backend_name(backend: str, platform: str = "", filenames: Sequence[str] = ()) -> str:
     """The backend for a config: its `backend`, else its Triton `platform`, else the model
     file's extension. Raises ValueError naming what it tried."""
     if backend:

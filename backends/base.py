@@ -63,5 +63,5 @@ class Backend(ABC):
         return. Returns an array per requested output.
         """
 
-    def unload(self) -> None:
+    def unload(self) -> None:  # noqa: B027 - optional hook; most backends let GC free memory
         """Releases what `load` acquired. Called once; the object is not used again."""

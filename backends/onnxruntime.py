@@ -35,8 +35,12 @@ _ONNX_TYPES = {
     "tensor(string)": "BYTES",
 }
 
-PARAMETERS = ("intra_op_thread_count", "inter_op_thread_count", "execution_mode",
-              "graph_optimization_level")
+PARAMETERS = (
+    "intra_op_thread_count",
+    "inter_op_thread_count",
+    "execution_mode",
+    "graph_optimization_level",
+)
 
 # Triton's ONNX Runtime backend completes max_batch_size to 4 for models whose
 # every tensor has a variable first dimension; so do we.
@@ -68,13 +72,22 @@ def _describe(args: list[Any], what: str) -> list[TensorConfig]:
                 "exchange with numpy; export the model with FP16 or FP32 tensors"
             )
         if arg.type not in _ONNX_TYPES:
-            raise ValueError(f"model {what} '{arg.name}' has type {arg.type}, which Tiffin cannot serve")
-        tensors.append(TensorConfig(name=arg.name, datatype=_ONNX_TYPES[arg.type], dims=_dims(arg.shape)))
+            raise ValueError(
+                f"model {what} '{arg.name}' has type {arg.type}, which Tiffin cannot serve"
+            )
+        tensors.append(
+            TensorConfig(name=arg.name, datatype=_ONNX_TYPES[arg.type], dims=_dims(arg.shape))
+        )
     return tensors
 
 
-def _complete_tensors(declared: list[TensorConfig], found: list[TensorConfig], batch: bool,
-                      what: str, require_all: bool) -> list[TensorConfig]:
+def _complete_tensors(
+    declared: list[TensorConfig],
+    found: list[TensorConfig],
+    batch: bool,
+    what: str,
+    require_all: bool,
+) -> list[TensorConfig]:
     """Checks declared tensors against the model file and fills in what was left out."""
     by_name = {t.name: t for t in found}
     for t in declared:
@@ -130,7 +143,9 @@ class OnnxRuntimeBackend(Backend):
         options.intra_op_num_threads = 1
         options.log_severity_level = 4  # failures are reported below, once
         try:
-            session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                str(model_path), options, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ValueError(f"onnxruntime cannot load {model_path}: {exc}") from None
         inputs = _describe(session.get_inputs(), "input")
@@ -152,13 +167,19 @@ class OnnxRuntimeBackend(Backend):
                 f"parameters {', '.join(unknown)} are unknown to the onnxruntime backend; "
                 f"it reads {', '.join(PARAMETERS)}"
             )
-        return config.model_copy(update={
-            "backend": cls.name,
-            "platform": config.platform or "onnxruntime_onnx",
-            "max_batch_size": max_batch,
-            "inputs": _complete_tensors(config.inputs, inputs, batch, "input", require_all=True),
-            "outputs": _complete_tensors(config.outputs, outputs, batch, "output", require_all=False),
-        })
+        return config.model_copy(
+            update={
+                "backend": cls.name,
+                "platform": config.platform or "onnxruntime_onnx",
+                "max_batch_size": max_batch,
+                "inputs": _complete_tensors(
+                    config.inputs, inputs, batch, "input", require_all=True
+                ),
+                "outputs": _complete_tensors(
+                    config.outputs, outputs, batch, "output", require_all=False
+                ),
+            }
+        )
 
     def load(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
         ort = _import_ort()
@@ -178,13 +199,15 @@ class OnnxRuntimeBackend(Backend):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }
         if level not in levels:
-            raise ValueError(f"graph_optimization_level must be one of {', '.join(levels)}, got '{level}'")
+            raise ValueError(
+                f"graph_optimization_level must be one of {', '.join(levels)}, got '{level}'"
+            )
         options.graph_optimization_level = levels[level]
         if device.kind == "gpu":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise RuntimeError(
-                    "a GPU instance needs onnxruntime-gpu (pip install 'tiffin[gpu]'); the installed "
-                    f"onnxruntime offers {', '.join(ort.get_available_providers())}"
+                    "a GPU instance needs onnxruntime-gpu (pip install 'tiffin[gpu]'); the "
+                    f"installed onnxruntime offers {', '.join(ort.get_available_providers())}"
                 )
             providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device.id})]
         else:

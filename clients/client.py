@@ -20,8 +20,17 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 2**31 - 1),
     ("grpc.max_receive_message_length", 2**31 - 1),
 ]
-_UNARY = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-          "ModelConfig", "ModelInfer", "ModelStatistics", "RepositoryIndex")
+_UNARY = (
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelConfig",
+    "ModelInfer",
+    "ModelStatistics",
+    "RepositoryIndex",
+)
 
 
 class InferenceServerError(Exception):
@@ -76,7 +85,9 @@ class InferenceClient:
         return self._rpc("ServerMetadata", self._pb.ServerMetadataRequest())
 
     def model_metadata(self, model: str, version: str = "") -> Any:
-        return self._rpc("ModelMetadata", self._pb.ModelMetadataRequest(name=model, version=version))
+        return self._rpc(
+            "ModelMetadata", self._pb.ModelMetadataRequest(name=model, version=version)
+        )
 
     def model_config(self, model: str, version: str = "") -> Any:
         request = self._pb.ModelConfigRequest(name=model, version=version)
@@ -86,10 +97,16 @@ class InferenceClient:
         request = self._pb.ModelStatisticsRequest(name=model, version=version)
         return self._rpc("ModelStatistics", request)
 
-    def infer(self, model: str, inputs: Mapping[str, np.ndarray],
-              outputs: Sequence[str] | None = None, version: str = "", request_id: str = "",
-              parameters: Mapping[str, Any] | None = None,
-              timeout: float | None = None) -> dict[str, np.ndarray]:
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        version: str = "",
+        request_id: str = "",
+        parameters: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
         """Runs one request; returns output name -> array."""
         request = build_request(model, inputs, outputs, version, request_id, parameters)
         return read_response(self._rpc("ModelInfer", request, timeout))
@@ -130,10 +147,16 @@ class AsyncInferenceClient:
         request = self._pb.ModelMetadataRequest(name=model, version=version)
         return await self._rpc("ModelMetadata", request)
 
-    async def infer(self, model: str, inputs: Mapping[str, np.ndarray],
-                    outputs: Sequence[str] | None = None, version: str = "",
-                    request_id: str = "", parameters: Mapping[str, Any] | None = None,
-                    timeout: float | None = None) -> dict[str, np.ndarray]:
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        version: str = "",
+        request_id: str = "",
+        parameters: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
         request = build_request(model, inputs, outputs, version, request_id, parameters)
         return read_response(await self._rpc("ModelInfer", request, timeout))
 

@@ -12,8 +12,14 @@ from tiffin.protos.datatypes import datatype, from_numpy
 from tiffin.protos.tensors import from_raw, to_raw
 
 
-def build_request(model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None,
-                  version: str, request_id: str, parameters: Mapping[str, Any] | None) -> Any:
+def build_request(
+    model: str,
+    inputs: Mapping[str, np.ndarray],
+    outputs: Sequence[str] | None,
+    version: str,
+    request_id: str,
+    parameters: Mapping[str, Any] | None,
+) -> Any:
     """A ModelInferRequest with every input as raw little-endian bytes."""
     pb = protocol()
     msg = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
@@ -35,8 +41,9 @@ def build_request(model: str, inputs: Mapping[str, np.ndarray], outputs: Sequenc
         elif isinstance(value, str):
             param.string_param = value
         else:
-            raise TypeError(f"parameter '{key}' must be bool, int, float or str, "
-                            f"not {type(value).__name__}")
+            raise TypeError(
+                f"parameter '{key}' must be bool, int, float or str, not {type(value).__name__}"
+            )
     return msg
 
 

@@ -24,8 +24,12 @@ IR_VERSION = 8  # what ONNX opset 17 needs; newer IR versions are beyond onnxrun
 
 
 def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              ir_version=IR_VERSION, producer_name="tiffin-examples")
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        ir_version=IR_VERSION,
+        producer_name="tiffin-examples",
+    )
     onnx.checker.check_model(model)
     return model
 
@@ -43,29 +47,44 @@ def classifier(seed: int) -> onnx.ModelProto:
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
     ]
     graph = helper.make_graph(
-        nodes, "classifier",
+        nodes,
+        "classifier",
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])],
-        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))],
+        [
+            numpy_helper.from_array(a, n)
+            for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))
+        ],
     )
     return _model(graph)
 
 
 def add_sub() -> onnx.ModelProto:
     graph = helper.make_graph(
-        [helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
-         helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])],
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
         "add_sub",
-        [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", 16]) for n in ("INPUT0", "INPUT1")],
-        [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", 16]) for n in ("OUTPUT0", "OUTPUT1")],
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", 16])
+            for n in ("INPUT0", "INPUT1")
+        ],
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", 16])
+            for n in ("OUTPUT0", "OUTPUT1")
+        ],
     )
     return _model(graph)
 
 
 def uppercase() -> onnx.ModelProto:
     graph = helper.make_graph(
-        [helper.make_node("StringNormalizer", ["text"], ["upper"], case_change_action="UPPER",
-                          locale="C")],  # "C": present on every machine (ASCII case only)
+        [
+            helper.make_node(
+                "StringNormalizer", ["text"], ["upper"], case_change_action="UPPER", locale="C"
+            )
+        ],  # "C": present on every machine (ASCII case only)
         "uppercase",
         [helper.make_tensor_value_info("text", TensorProto.STRING, ["n"])],
         [helper.make_tensor_value_info("upper", TensorProto.STRING, ["n"])],

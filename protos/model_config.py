@@ -211,8 +211,11 @@ class ModelConfig(_Frozen):
                     raise ValueError(f"{kind} lists '{t.name}' twice")
                 seen.add(t.name)
         if self.dynamic_batching and self.max_batch_size is not None:
-            too_big = [p for p in self.dynamic_batching.preferred_batch_size
-                       if p > self.max_batch_size or p < 1]
+            too_big = [
+                p
+                for p in self.dynamic_batching.preferred_batch_size
+                if p > self.max_batch_size or p < 1
+            ]
             if too_big:
                 raise ValueError(
                     f"dynamic_batching.preferred_batch_size {too_big[0]} must be within "
@@ -224,5 +227,3 @@ class ModelConfig(_Frozen):
     def batching(self) -> bool:
         """Whether requests carry a leading batch dimension."""
         return bool(self.max_batch_size)
-
-

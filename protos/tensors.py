@@ -16,8 +16,12 @@ from .datatypes import Datatype
 
 _LENGTH = struct.Struct("<I")
 _FIELD_DTYPES = {
-    "bool_contents": np.bool_, "int_contents": np.int32, "int64_contents": np.int64,
-    "uint_contents": np.uint32, "uint64_contents": np.uint64, "fp32_contents": np.float32,
+    "bool_contents": np.bool_,
+    "int_contents": np.int32,
+    "int64_contents": np.int64,
+    "uint_contents": np.uint32,
+    "uint64_contents": np.uint64,
+    "fp32_contents": np.float32,
     "fp64_contents": np.float64,
 }
 
@@ -103,7 +107,7 @@ def from_contents(contents: Any, dtype: Datatype, shape: Sequence[int]) -> np.nd
         return array.reshape(shape)
     # Read with the field's own type (no detour through float64 for large 64-bit values);
     # narrower integers arrive widened to int32/uint32: keep their low bytes, as Triton does.
-    wide = np.asarray(values, dtype=_FIELD_DTYPES[field])
+    wide: np.ndarray = np.asarray(values, dtype=_FIELD_DTYPES[field])
     return wide.astype(dtype.numpy, copy=False, casting="unsafe").reshape(shape)
 
 

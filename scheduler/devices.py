@@ -45,8 +45,9 @@ def place_instances(groups: list[InstanceGroup], model: str) -> list[Device]:
                 f"GPUs are: {have}"
             )
         if group.kind == "auto" and (missing or not wanted):
-            log.warning("model '%s': no GPU available for %s of kind auto; using the CPU",
-                        model, label)
+            log.warning(
+                "model '%s': no GPU available for %s of kind auto; using the CPU", model, label
+            )
             devices += [Device("cpu")] * group.count
             continue
         for gpu in wanted:

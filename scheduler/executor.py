@@ -69,8 +69,12 @@ class ModelExecutor:
             finally:
                 self._in_flight -= 1
 
-    async def _run(self, instance: InlineInstance, request: InferenceRequest,
-                   future: asyncio.Future[InferenceResponse]) -> None:
+    async def _run(
+        self,
+        instance: InlineInstance,
+        request: InferenceRequest,
+        future: asyncio.Future[InferenceResponse],
+    ) -> None:
         stats = self.statistics
         start = time.monotonic_ns()
         stats.record_queue(start - request.arrival_ns)
@@ -88,7 +92,9 @@ class ModelExecutor:
                     f"model '{self.key.name}' version {self.key.version} failed: {exc}"
                 ) from exc
             infer_done = time.monotonic_ns()
-            response = InferenceResponse(self.key, self._check_outputs(request, outputs), request.id)
+            response = InferenceResponse(
+                self.key, self._check_outputs(request, outputs), request.id
+            )
             done = time.monotonic_ns()
             stats.record_execution(request.batch_size, 1, 0, infer_done - start, done - infer_done)
         except TiffinError as exc:
@@ -100,8 +106,9 @@ class ModelExecutor:
         if not future.done():
             future.set_result(response)
 
-    def _check_outputs(self, request: InferenceRequest,
-                       outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _check_outputs(
+        self, request: InferenceRequest, outputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
         """The backend must return every requested output; fail clearly if it did not."""
         missing = [name for name in request.outputs if name not in outputs]
         if missing:

@@ -39,7 +39,9 @@ class InlineInstance:
         self._backend = backend
         log.debug("instance %s loaded on %s", self.name, self.device)
 
-    async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    async def infer(
+        self, inputs: dict[str, np.ndarray], outputs: list[str]
+    ) -> dict[str, np.ndarray]:
         assert self._backend is not None, "infer() before load()"
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, self._backend.infer, inputs, outputs)

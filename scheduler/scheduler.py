@@ -42,8 +42,12 @@ class Scheduler:
         old, self._executors[key] = self._executors.get(key), executor
         if old is not None:
             await old.stop()
-        log.info("%s: %d instance(s) on %s", key, len(devices),
-                 ", ".join(sorted({str(d) for d in devices})))
+        log.info(
+            "%s: %d instance(s) on %s",
+            key,
+            len(devices),
+            ", ".join(sorted({str(d) for d in devices})),
+        )
 
     async def unload(self, key: ModelKey) -> None:
         """Finishes the version's queued requests, then unloads its instances."""

@@ -44,8 +44,9 @@ class ModelStatistics:
     batches: dict[int, BatchDurations] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record_execution(self, batch_size: int, requests: int, input_ns: int, infer_ns: int,
-                         output_ns: int) -> None:
+    def record_execution(
+        self, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int
+    ) -> None:
         """One backend execution that served `requests` requests with `batch_size` rows."""
         with self._lock:
             self.last_inference_ms = time.time_ns() // 1_000_000
@@ -77,13 +78,23 @@ class ModelStatistics:
                 inference_count=self.inference_count,
                 execution_count=self.execution_count,
             )
-            for name in ("success", "fail", "queue", "compute_input", "compute_infer",
-                         "compute_output"):
+            for name in (
+                "success",
+                "fail",
+                "queue",
+                "compute_input",
+                "compute_infer",
+                "compute_output",
+            ):
                 d = getattr(self, name)
                 setattr(copy, name, Duration(d.count, d.ns))
             copy.batches = {
-                size: BatchDurations(*(Duration(x.count, x.ns) for x in
-                                       (b.compute_input, b.compute_infer, b.compute_output)))
+                size: BatchDurations(
+                    *(
+                        Duration(x.count, x.ns)
+                        for x in (b.compute_input, b.compute_infer, b.compute_output)
+                    )
+                )
                 for size, b in self.batches.items()
             }
             return copy

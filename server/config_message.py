@@ -27,22 +27,27 @@ def config_message(config: ModelConfig) -> Any:
         default_model_filename=config.default_model_filename,
     )
     for tensor in config.inputs:
-        msg.input.add(name=tensor.name, data_type=DATATYPES[tensor.datatype].config_name,
-                      dims=tensor.dims, optional=tensor.optional)
+        msg.input.add(
+            name=tensor.name,
+            data_type=DATATYPES[tensor.datatype].config_name,
+            dims=tensor.dims,
+            optional=tensor.optional,
+        )
     for tensor in config.outputs:
-        msg.output.add(name=tensor.name, data_type=DATATYPES[tensor.datatype].config_name,
-                       dims=tensor.dims)
+        msg.output.add(
+            name=tensor.name, data_type=DATATYPES[tensor.datatype].config_name, dims=tensor.dims
+        )
     policy = config.version_policy
     if policy.all is not None:
         msg.version_policy.all.SetInParent()
     elif policy.specific is not None:
         msg.version_policy.specific.versions.extend(policy.specific.versions)
     else:
-        msg.version_policy.latest.num_versions = (policy.latest.num_versions
-                                                  if policy.latest else 1)
+        msg.version_policy.latest.num_versions = policy.latest.num_versions if policy.latest else 1
     for group in config.instance_group:
-        msg.instance_group.add(name=group.name, count=group.count, gpus=group.gpus,
-                               kind=f"KIND_{group.kind.upper()}")
+        msg.instance_group.add(
+            name=group.name, count=group.count, gpus=group.gpus, kind=f"KIND_{group.kind.upper()}"
+        )
     batching = config.dynamic_batching
     if batching is not None:
         target = msg.dynamic_batching
@@ -56,5 +61,7 @@ def config_message(config: ModelConfig) -> Any:
         for level, level_policy in batching.priority_queue_policy.items():
             _queue_policy(target.priority_queue_policy[level], level_policy)
     for key, value in config.parameters.items():
-        msg.parameters[key].string_value = str(value).lower() if isinstance(value, bool) else str(value)
+        msg.parameters[key].string_value = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
     return msg

@@ -70,19 +70,14 @@ def _check_shape(tensor: TensorConfig, shape: list[int], config: ModelConfig, mo
         )
 
 
-def decode_request(msg: Any, key: ModelKey, config: ModelConfig,
-                   deadline: float | None = None) -> InferenceRequest:
+def decode_request(
+    msg: Any, key: ModelKey, config: ModelConfig, deadline: float | None = None
+) -> InferenceRequest:
     """Validates a ModelInferRequest against the model's config and decodes its tensors."""
     model = key.name
     parameters = _decode_parameters(msg, model)
     declared = {t.name: t for t in config.inputs}
     raw = msg.raw_input_contents
-    if raw and any(t.HasField("contents") for t in msg.inputs):
-        raise InvalidInput(
-            f"contents field must not be specified when using raw_input_contents for model "
-            f"'{model}': send every input either raw or typed"
-        )
-
     inputs = {}
     raw_index = 0
     batch_size: int | None = None
@@ -118,6 +113,11 @@ def decode_request(msg: Any, key: ModelKey, config: ModelConfig,
         dtype = DATATYPES[spec.datatype]
         try:
             if tensor.HasField("contents"):
+                if raw:
+                    raise InvalidInput(
+                        f"contents field must not be specified when using raw_input_contents "
+                        f"for '{name}' for model '{model}': send every input either raw or typed"
+                    )
                 inputs[name] = from_contents(tensor.contents, dtype, shape)
                 continue
             if raw_index >= len(raw):

@@ -75,15 +75,18 @@ class ModelManager:
         await self._retire(state, reason="unloaded")
 
     async def unload_all(self) -> None:
-        await asyncio.gather(*(self._retire(s, "server shutting down")
-                               for s in list(self._models.values())))
+        await asyncio.gather(
+            *(self._retire(s, "server shutting down") for s in list(self._models.values()))
+        )
 
     def models(self) -> list[ModelState]:
         return [self._models[n] for n in sorted(self._models)]
 
     def all_ready(self) -> bool:
-        return all(not s.error and s.versions and all(v.state == READY for v in s.versions.values())
-                   for s in self._models.values())
+        return all(
+            not s.error and s.versions and all(v.state == READY for v in s.versions.values())
+            for s in self._models.values()
+        )
 
     def resolve(self, name: str, version: str) -> VersionSpec:
         """The version that should serve a call, with Triton's errors when there is none."""
@@ -93,7 +96,9 @@ class ModelManager:
         if version == "":
             ready = state.ready_versions()
             if not ready:
-                raise ModelNotFound(f"Request for unknown model: '{name}' has no available versions")
+                raise ModelNotFound(
+                    f"Request for unknown model: '{name}' has no available versions"
+                )
             return state.versions[ready[-1]].spec
         try:
             number = int(version)
@@ -102,11 +107,13 @@ class ModelManager:
         except ValueError:
             raise InvalidInput(
                 f"failed to get model version from specified version string '{version}' "
-                "(use a whole number such as \"1\", or leave it empty for the newest)"
+                '(use a whole number such as "1", or leave it empty for the newest)'
             ) from None
         found = state.versions.get(number)
         if found is None:
-            raise ModelNotFound(f"Request for unknown model: '{name}' version {number} is not found")
+            raise ModelNotFound(
+                f"Request for unknown model: '{name}' version {number} is not found"
+            )
         if found.state != READY:
             raise ModelNotReady(
                 f"Request for unknown model: '{name}' version {number} is not at ready state"
@@ -126,17 +133,21 @@ class ModelManager:
             log.error("model '%s' is UNAVAILABLE: %s", spec.name, spec.error)
             self._models[spec.name] = ModelState(spec.name, spec.error, {})
         else:
-            versions = {v.version: VersionState(v, LOADING if v.config else UNAVAILABLE, v.error)
-                        for v in spec.versions}
+            versions = {
+                v.version: VersionState(v, LOADING if v.config else UNAVAILABLE, v.error)
+                for v in spec.versions
+            }
             self._models[spec.name] = ModelState(spec.name, "", versions)
-            results = await asyncio.gather(*(self._load_version(spec.name, v)
-                                             for v in spec.versions if v.config))
+            results = await asyncio.gather(
+                *(self._load_version(spec.name, v) for v in spec.versions if v.config)
+            )
             for version_state in results:
                 versions[version_state.spec.version] = version_state
             for v in spec.versions:
                 if v.error:
-                    log.error("model '%s' version %d is UNAVAILABLE: %s", spec.name, v.version,
-                              v.error)
+                    log.error(
+                        "model '%s' version %d is UNAVAILABLE: %s", spec.name, v.version, v.error
+                    )
             self._models[spec.name] = ModelState(spec.name, "", dict(versions))
         if old is not None:  # versions the new read no longer selects go away
             current = self._models[spec.name].versions
@@ -153,19 +164,26 @@ class ModelManager:
             reason = f"failed to load: {exc}"
             log.error("model '%s' version %d is UNAVAILABLE: %s", name, spec.version, reason)
             return VersionState(spec, UNAVAILABLE, reason)
-        log.info("model '%s' version %d is READY (backend %s)", name, spec.version,
-                 spec.config.backend)
+        log.info(
+            "model '%s' version %d is READY (backend %s)", name, spec.version, spec.config.backend
+        )
         return VersionState(spec, READY)
 
     async def _retire(self, state: ModelState, reason: str) -> None:
-        unloading = {v: VersionState(s.spec, UNLOADING, reason) if s.state == READY else s
-                     for v, s in state.versions.items()}
+        unloading = {
+            v: VersionState(s.spec, UNLOADING, reason) if s.state == READY else s
+            for v, s in state.versions.items()
+        }
         self._models[state.name] = ModelState(state.name, state.error, unloading)
         for number, s in unloading.items():
             if s.state == UNLOADING:
                 await self._scheduler.unload(ModelKey(state.name, number))
         self._models[state.name] = ModelState(
-            state.name, state.error,
-            {v: VersionState(s.spec, UNAVAILABLE, reason if s.state == UNLOADING else s.reason)
-             for v, s in unloading.items()})
+            state.name,
+            state.error,
+            {
+                v: VersionState(s.spec, UNAVAILABLE, reason if s.state == UNLOADING else s.reason)
+                for v, s in unloading.items()
+            },
+        )
         log.info("model '%s' is UNAVAILABLE: %s", state.name, reason)

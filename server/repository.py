@@ -124,14 +124,16 @@ def read_model(model_dir: Path) -> ModelSpec:
         version_dir = model_dir / str(version)
         model_file = version_dir / filename
         if not model_file.exists():
-            spec.versions.append(VersionSpec(version, version_dir, None,
-                                             f"{model_file}: model file not found"))
+            spec.versions.append(
+                VersionSpec(version, version_dir, None, f"{model_file}: model file not found")
+            )
             continue
         try:
             completed = backend.complete_config(config, model_file)
         except (ValueError, RuntimeError) as exc:
-            spec.versions.append(VersionSpec(version, version_dir, None,
-                                             f"{config_file} (version {version}): {exc}"))
+            spec.versions.append(
+                VersionSpec(version, version_dir, None, f"{config_file} (version {version}): {exc}")
+            )
             continue
         spec.versions.append(VersionSpec(version, version_dir, completed))
     return spec
@@ -141,5 +143,8 @@ def read_repository(root: Path) -> list[ModelSpec]:
     """Every model folder under `root` (hidden folders skipped), sorted by name."""
     if not root.is_dir():
         raise FileNotFoundError(f"model repository {root} is not a folder")
-    return [read_model(p) for p in sorted(root.iterdir())
-            if p.is_dir() and not p.name.startswith((".", "_"))]
+    return [
+        read_model(p)
+        for p in sorted(root.iterdir())
+        if p.is_dir() and not p.name.startswith((".", "_"))
+    ]

@@ -55,8 +55,9 @@ class Server:
         self.port = 0
         self._state = ServerState()
         self._loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(target=self._loop.run_forever,
-                                             name="scheduler-loop", daemon=True)
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name="scheduler-loop", daemon=True
+        )
         self._scheduler = Scheduler()
         self._manager = ModelManager(settings.model_repository, self._scheduler)
         self._stopped = threading.Event()
@@ -82,15 +83,27 @@ class Server:
             options=options,
             maximum_concurrent_rpcs=s.grpc_threads,
         )
-        service = InferenceService(self._manager, self._scheduler, self._loop, self._state,
-                                   _version(), s.strict_readiness, self._models_changed)
+        service = InferenceService(
+            self._manager,
+            self._scheduler,
+            self._loop,
+            self._state,
+            _version(),
+            s.strict_readiness,
+            self._models_changed,
+        )
         self._service = service
         self._grpc.add_generic_rpc_handlers((service.generic_handler(),))
         self._health = Health(self._grpc)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
-            self._grpc, pool=_reflection_pool())
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._grpc,
+            pool=_reflection_pool(),
+        )
         address = f"{s.host}:{s.grpc_port}"
         try:
             self.port = self._grpc.add_insecure_port(address)
@@ -102,8 +115,12 @@ class Server:
         self._state.loaded = True
         self._models_changed()
         ready = sum(1 for m in self._manager.models() if m.ready_versions())
-        log.info("serving %d of %d model(s) from %s", ready, len(self._manager.models()),
-                 s.model_repository)
+        log.info(
+            "serving %d of %d model(s) from %s",
+            ready,
+            len(self._manager.models()),
+            s.model_repository,
+        )
 
     def _models_changed(self) -> None:
         if self._health is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from tiffin.protos import SERVICE_NAME, protocol
+from tiffin.protos import SERVICE_NAME, model_config, protocol
 from tiffin.protos.errors import (
     Cancelled,
     InvalidInput,
@@ -27,7 +27,6 @@ from tiffin.protos.errors import (
     TiffinError,
     Unsupported,
 )
-from tiffin.protos.model_config import ModelConfig
 from tiffin.scheduler import InferenceResponse, ModelKey, Scheduler
 
 from .config_message import config_message
@@ -74,9 +73,16 @@ class ServerState:
 class InferenceService:
     """One method per RPC of inference.GRPCInferenceService that Tiffin offers."""
 
-    def __init__(self, manager: ModelManager, scheduler: Scheduler,
-                 loop: asyncio.AbstractEventLoop, state: ServerState, version: str,
-                 strict_readiness: bool, on_models_changed: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        scheduler: Scheduler,
+        loop: asyncio.AbstractEventLoop,
+        state: ServerState,
+        version: str,
+        strict_readiness: bool,
+        on_models_changed: Callable[[], None],
+    ) -> None:
         self._pb = protocol()
         self._manager = manager
         self._scheduler = scheduler
@@ -93,17 +99,24 @@ class InferenceService:
             request_cls = getattr(self._pb, method.input_type.name)
             response_cls = getattr(self._pb, method.output_type.name)
             behaviour = getattr(self, method.name, None) or self._unimplemented(method.name)
-            make = (grpc.stream_stream_rpc_method_handler if method.client_streaming
-                    else grpc.unary_unary_rpc_method_handler)
-            handlers[method.name] = make(behaviour, request_deserializer=request_cls.FromString,
-                                         response_serializer=response_cls.SerializeToString)
+            make = (
+                grpc.stream_stream_rpc_method_handler
+                if method.client_streaming
+                else grpc.unary_unary_rpc_method_handler
+            )
+            handlers[method.name] = make(
+                behaviour,
+                request_deserializer=request_cls.FromString,
+                response_serializer=response_cls.SerializeToString,
+            )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
     @staticmethod
     def _unimplemented(name: str) -> Callable[[Any, grpc.ServicerContext], Any]:
         def handler(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                          f"{name} is not offered by this server (Tiffin)")
+            context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, f"{name} is not offered by this server (Tiffin)"
+            )
 
         return handler
 
@@ -138,25 +151,32 @@ class InferenceService:
 
     @_rpc
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version,
-                                               extensions=EXTENSIONS)
+        return self._pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=self._version, extensions=EXTENSIONS
+        )
 
     @_rpc
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         spec = self._manager.resolve(request.name, request.version)
         config = spec.config
         assert config is not None
-        versions = ([request.version] if request.version
-                    else [str(v) for v in self._manager.state(request.name).ready_versions()])
+        versions = (
+            [request.version]
+            if request.version
+            else [str(v) for v in self._manager.state(request.name).ready_versions()]
+        )
         batch = [-1] if config.batching else []
-        response = self._pb.ModelMetadataResponse(name=config.name, versions=versions,
-                                                  platform=config.platform or config.backend)
+        response = self._pb.ModelMetadataResponse(
+            name=config.name, versions=versions, platform=config.platform or config.backend
+        )
         for tensor in config.inputs:
-            response.inputs.add(name=tensor.name, datatype=tensor.datatype,
-                                shape=batch + list(tensor.dims))
+            response.inputs.add(
+                name=tensor.name, datatype=tensor.datatype, shape=batch + list(tensor.dims)
+            )
         for tensor in config.outputs:
-            response.outputs.add(name=tensor.name, datatype=tensor.datatype,
-                                 shape=batch + list(tensor.dims))
+            response.outputs.add(
+                name=tensor.name, datatype=tensor.datatype, shape=batch + list(tensor.dims)
+            )
         return response
 
     @_rpc
@@ -169,8 +189,11 @@ class InferenceService:
     def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
         if request.name:
             if request.version:
-                keys = [ModelKey(request.name,
-                                 self._manager.resolve(request.name, request.version).version)]
+                keys = [
+                    ModelKey(
+                        request.name, self._manager.resolve(request.name, request.version).version
+                    )
+                ]
             else:
                 state = self._manager.state(request.name)
                 keys = [ModelKey(request.name, v) for v in state.ready_versions()]
@@ -189,8 +212,16 @@ class InferenceService:
         target.inference_count = stats.inference_count
         target.execution_count = stats.execution_count
         infer = target.inference_stats
-        for name in ("success", "fail", "queue", "compute_input", "compute_infer",
-                     "compute_output", "cache_hit", "cache_miss"):
+        for name in (
+            "success",
+            "fail",
+            "queue",
+            "compute_input",
+            "compute_infer",
+            "compute_output",
+            "cache_hit",
+            "cache_miss",
+        ):
             duration = getattr(stats, name, None)
             field = getattr(infer, name)
             field.SetInParent()  # Triton fills every sub-message, zeros included
@@ -219,8 +250,9 @@ class InferenceService:
             for number, version in sorted(model.versions.items()):
                 if request.ready and version.state != READY:
                     continue
-                response.models.add(name=model.name, version=str(number), state=version.state,
-                                    reason=version.reason)
+                response.models.add(
+                    name=model.name, version=str(number), state=version.state, reason=version.reason
+                )
         return response
 
     @_rpc
@@ -257,14 +289,15 @@ class InferenceService:
 
     # ---- inference -----------------------------------------------------------------------
 
-    def _start_infer(self, msg: Any, deadline: float | None) -> tuple[Any, ModelConfig]:
+    def _start_infer(
+        self, msg: Any, deadline: float | None
+    ) -> tuple[Any, model_config.ModelConfig]:
         """Validates and queues a request: a future of its InferenceResponse, and the config
         it was checked against (which encodes the response)."""
         self._state.check_accepting()
         spec = self._manager.resolve(msg.model_name, msg.model_version)
         assert spec.config is not None
-        request = decode_request(msg, ModelKey(msg.model_name, spec.version), spec.config,
-                                 deadline)
+        request = decode_request(msg, ModelKey(msg.model_name, spec.version), spec.config, deadline)
         return self._on_loop(self._scheduler.submit(request)), spec.config
 
     @_rpc
@@ -279,13 +312,15 @@ class InferenceService:
             raise Cancelled("the request was cancelled") from None
         return encode_response(response, config)
 
-    def ModelStreamInfer(self, request_iterator: Iterator[Any],
-                         context: grpc.ServicerContext) -> Iterator[Any]:
+    def ModelStreamInfer(
+        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[Any]:
         """Reads requests on a thread of its own so that they run concurrently, and answers
         each in request order. Errors are in-band unless the client asked otherwise."""
-        abort_on_error = any(k == "triton_grpc_error" and v == "true"
-                             for k, v in context.invocation_metadata())
-        pending: queue.SimpleQueue[tuple[Any, Any, ModelConfig | None] | None] = (
+        abort_on_error = any(
+            k == "triton_grpc_error" and v == "true" for k, v in context.invocation_metadata()
+        )
+        pending: queue.SimpleQueue[tuple[Any, Any, model_config.ModelConfig | None] | None] = (
             queue.SimpleQueue()
         )
         started: list[concurrent.futures.Future[Any]] = []

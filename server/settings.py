@@ -21,9 +21,10 @@ class ServerSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     grpc_threads: int = Field(
-        64, ge=1,
+        64,
+        ge=1,
         description="gRPC handler threads; also the most RPCs served at once (streams hold one "
-                    "each); beyond it calls get RESOURCE_EXHAUSTED.",
+        "each); beyond it calls get RESOURCE_EXHAUSTED.",
     )
     max_message_bytes: int = Field(
         2**31 - 1, ge=1024, description="Largest request or response message, in bytes."
@@ -48,14 +49,23 @@ def add_settings_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...
         required = field.is_required() and env is None
         help_text = f"{field.description} [env {ENV_PREFIX}{name.upper()}]"
         if field.annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                default=str(default).lower() in ("1", "true", "yes"),
-                                help=help_text)
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=str(default).lower() in ("1", "true", "yes"),
+                help=help_text,
+            )
         else:
-            parser.add_argument(flag, default=default, required=required,
-                                help=help_text + ("" if required else f" (default: {default})"))
+            parser.add_argument(
+                flag,
+                default=default,
+                required=required,
+                help=help_text + ("" if required else f" (default: {default})"),
+            )
 
 
 def settings_from_arguments(args: argparse.Namespace) -> ServerSettings:
-    values = {name: getattr(args, name) for name in ServerSettings.model_fields if hasattr(args, name)}
+    values = {
+        name: getattr(args, name) for name in ServerSettings.model_fields if hasattr(args, name)
+    }
     return ServerSettings.model_validate(values)

@@ -21,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_arguments(args)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     stop = threading.Event()
     # Handlers first, so that a signal during model loading still shuts down cleanly.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -38,8 +39,13 @@ def run(args: argparse.Namespace) -> int:
         if model.error:
             log.info("model %-24s UNAVAILABLE  %s", model.name, model.error.splitlines()[0])
         for number, version in sorted(model.versions.items()):
-            log.info("model %-24s version %-4d %s%s", model.name, number, version.state,
-                     f"  {version.reason}" if version.reason else "")
+            log.info(
+                "model %-24s version %-4d %s%s",
+                model.name,
+                number,
+                version.state,
+                f"  {version.reason}" if version.reason else "",
+            )
     log.info("ready on %s:%d (Ctrl-C or SIGTERM to stop)", settings.host, server.port)
     stop.wait()
     server.stop()
