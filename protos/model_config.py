@@ -82,8 +82,8 @@ class VersionPolicy(_Frozen):
         chosen = [k for k in ("latest", "all", "specific") if k in data]
         if len(chosen) > 1:
             raise ValueError(f"give only one of latest, all, specific (got {', '.join(chosen)})")
-        if not chosen:
-            return {"latest": {}}
+        if not chosen:  # keep any other keys, so that a misspelt one is still rejected
+            return {**data, "latest": {}}
         # `all:` with nothing after it reads as None in YAML; it still means "all".
         return {k: ({} if v is None else v) for k, v in data.items()}
 
