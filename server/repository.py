@@ -84,7 +84,10 @@ def _version_folders(model_dir: Path) -> list[int]:
 
 
 def read_model(model_dir: Path) -> ModelSpec:
-    """Reads one model folder: its config, the versions its policy selects, their files."""
+    """Reads one model folder: its config, the versions its policy selects, their files.
+
+    Independent problems are all reported, not only the first.
+    """
     spec = ModelSpec(name=model_dir.name, path=model_dir)
     config_file = model_dir / CONFIG_FILE
     if not config_file.is_file():
@@ -92,33 +95,40 @@ def read_model(model_dir: Path) -> ModelSpec:
         return spec
     try:
         config = read_config(config_file)
-        if config.name and config.name != model_dir.name:
-            raise ValueError(
-                f"{config_file}: name: '{config.name}' does not match the folder name "
-                f"'{model_dir.name}'"
-            )
-        available = _version_folders(model_dir)
-        if not available:
-            raise ValueError(
-                f"{model_dir}: no version folders; put the model file in a numbered folder "
-                f"such as {model_dir / '1'}"
-            )
-        files = [p.name for v in available for p in (model_dir / str(v)).iterdir()]
-        try:
-            backend_name = resolve_backend_name(config.backend, config.platform, files)
-            backend = get_backend(backend_name)
-        except (ValueError, RuntimeError) as exc:
-            raise ValueError(f"{config_file}: backend: {exc}") from None
-        config = config.model_copy(update={"name": model_dir.name, "backend": backend_name})
-        selected = config.version_policy.select(available)
-        if not selected:
-            raise ValueError(
-                f"{config_file}: version_policy: selects none of the versions found "
-                f"({', '.join(map(str, available))})"
-            )
     except ValueError as exc:
         spec.error = str(exc)
         return spec
+    problems = []
+    if config.name and config.name != model_dir.name:
+        problems.append(
+            f"{config_file}: name: '{config.name}' does not match the folder name "
+            f"'{model_dir.name}'"
+        )
+    available = _version_folders(model_dir)
+    if not available:
+        problems.append(
+            f"{model_dir}: no version folders; put the model file in a numbered folder "
+            f"such as {model_dir / '1'}"
+        )
+    files = [p.name for v in available for p in (model_dir / str(v)).iterdir()]
+    backend = None
+    try:
+        backend_name = resolve_backend_name(config.backend, config.platform, files)
+        backend = get_backend(backend_name)
+        config = config.model_copy(update={"backend": backend_name})
+    except (ValueError, RuntimeError) as exc:
+        if available or config.backend or config.platform:
+            problems.append(f"{config_file}: backend: {exc}")
+    selected = config.version_policy.select(available)
+    if available and not selected:
+        problems.append(
+            f"{config_file}: version_policy: selects none of the versions found "
+            f"({', '.join(map(str, available))})"
+        )
+    if problems or backend is None:
+        spec.error = "\n".join(problems)
+        return spec
+    config = config.model_copy(update={"name": model_dir.name})
     filename = config.default_model_filename or backend.default_model_filename
     for version in selected:
         version_dir = model_dir / str(version)
@@ -130,6 +140,16 @@ def read_model(model_dir: Path) -> ModelSpec:
             continue
         try:
             completed = backend.complete_config(config, model_file)
+            # Validate again: cross-field checks must see what the model file filled in.
+            completed = ModelConfig.model_validate(completed.model_dump(exclude_none=True))
+        except ValidationError as exc:
+            error = _describe_validation_error(config_file, exc)
+            spec.versions.append(
+                VersionSpec(
+                    version, version_dir, None, f"{error} (after completing from {model_file})"
+                )
+            )
+            continue
         except (ValueError, RuntimeError) as exc:
             spec.versions.append(
                 VersionSpec(version, version_dir, None, f"{config_file} (version {version}): {exc}")

@@ -35,9 +35,20 @@ class ServerProcess:
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"tiffin-serve-{self.port}.log"
         self._log = open(self.log_path, "w+b")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tiffin.server.cli", "serve", "--model-repository",
-             str(repository), "--grpc-port", str(self.port), *extra],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            [
+                sys.executable,
+                "-m",
+                "tiffin.server.cli",
+                "serve",
+                "--model-repository",
+                str(repository),
+                "--grpc-port",
+                str(self.port),
+                *extra,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         self.wait_serving()
 

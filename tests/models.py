@@ -11,17 +11,26 @@ from onnx import TensorProto, helper, numpy_helper
 IR_VERSION = 8  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would write 14
 
 ONNX_TYPES = {
-    "BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "UINT16": TensorProto.UINT16,
-    "UINT32": TensorProto.UINT32, "UINT64": TensorProto.UINT64, "INT8": TensorProto.INT8,
-    "INT16": TensorProto.INT16, "INT32": TensorProto.INT32, "INT64": TensorProto.INT64,
-    "FP16": TensorProto.FLOAT16, "FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE,
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
     "BYTES": TensorProto.STRING,
 }
 
 
 def _save(graph: onnx.GraphProto, path: Path) -> Path:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              ir_version=IR_VERSION)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, path)
     return path
@@ -31,25 +40,29 @@ def identity(path: Path, datatype: str = "FP32", shape: list = ("batch", 4)) -> 
     """OUTPUT0 = INPUT0."""
     t = ONNX_TYPES[datatype]
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])], "identity",
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        "identity",
         [helper.make_tensor_value_info("INPUT0", t, list(shape))],
-        [helper.make_tensor_value_info("OUTPUT0", t, list(shape))])
+        [helper.make_tensor_value_info("OUTPUT0", t, list(shape))],
+    )
     return _save(graph, path)
 
 
 def slow_matmul(path: Path, size: int = 512, repeats: int = 40) -> Path:
     """OUTPUT0 = INPUT0 @ W repeated `repeats` times: a model that takes a while on one thread."""
-    w = (np.eye(size, dtype=np.float32) * 0.5 + 0.5 / size)
+    w = np.eye(size, dtype=np.float32) * 0.5 + 0.5 / size
     nodes, prev = [], "INPUT0"
     for i in range(repeats):
         out = "OUTPUT0" if i == repeats - 1 else f"h{i}"
         nodes.append(helper.make_node("MatMul", [prev, "W"], [out]))
         prev = out
     graph = helper.make_graph(
-        nodes, "slow",
+        nodes,
+        "slow",
         [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", size])],
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", size])],
-        [numpy_helper.from_array(w, "W")])
+        [numpy_helper.from_array(w, "W")],
+    )
     return _save(graph, path)
 
 

@@ -23,8 +23,13 @@ TYPES = sorted(ONNX_TYPES)  # BF16: onnxruntime's Python API has no numpy type f
 
 def sample(datatype: str, shape: tuple[int, ...]) -> np.ndarray:
     if datatype == "BYTES":
-        return np.array([bytes(RNG.integers(0, 128, i % 5, dtype=np.uint8)) for i in
-                         range(int(np.prod(shape)))], dtype=np.object_).reshape(shape)
+        return np.array(
+            [
+                bytes(RNG.integers(0, 128, i % 5, dtype=np.uint8))
+                for i in range(int(np.prod(shape)))
+            ],
+            dtype=np.object_,
+        ).reshape(shape)
     if datatype == "BOOL":
         return RNG.integers(0, 2, shape).astype(bool)
     dtype = DATATYPES[datatype].numpy
@@ -38,8 +43,12 @@ def sample(datatype: str, shape: tuple[int, ...]) -> np.ndarray:
 def typed_server(tmp_path_factory):
     repo: Path = tmp_path_factory.mktemp("datatypes")
     for datatype in TYPES:
-        write_model(repo, f"identity_{datatype.lower()}", "max_batch_size: 8\n",
-                    {1: partial(identity, datatype=datatype, shape=("batch", 3))})
+        write_model(
+            repo,
+            f"identity_{datatype.lower()}",
+            "max_batch_size: 8\n",
+            {1: partial(identity, datatype=datatype, shape=("batch", 3))},
+        )
     server = ServerProcess(repo)
     yield server
     assert server.stop() == 0, server.log()
@@ -64,11 +73,14 @@ def test_typed_contents_round_trip(typed_server, datatype):
     tensor = request.inputs.add(name="INPUT0", datatype=datatype, shape=[1, 3])
     values = [v for v in data.reshape(-1)]
     getattr(tensor.contents, DATATYPES[datatype].contents_field).extend(
-        values if datatype == "BYTES" else [v.item() for v in values])
+        values if datatype == "BYTES" else [v.item() for v in values]
+    )
     with grpc.insecure_channel(typed_server.url) as channel:
         response = channel.unary_unary(
-            method_path("ModelInfer"), request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString)(request, timeout=10)
+            method_path("ModelInfer"),
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )(request, timeout=10)
     assert response.outputs[0].datatype == datatype
     np.testing.assert_array_equal(read_response(response)["OUTPUT0"], data)
 
@@ -76,8 +88,12 @@ def test_typed_contents_round_trip(typed_server, datatype):
 def test_bfloat16_model_is_refused_with_its_reason(tmp_path):
     from tiffin.server.repository import read_model
 
-    folder = write_model(tmp_path, "bf16", "max_batch_size: 8\n", {1: lambda path: identity(
-        path, datatype="FP32", shape=("batch", 3))})
+    folder = write_model(
+        tmp_path,
+        "bf16",
+        "max_batch_size: 8\n",
+        {1: lambda path: identity(path, datatype="FP32", shape=("batch", 3))},
+    )
     model = onnx_with_type(folder / "1" / "model.onnx", TensorProto.BFLOAT16)
     assert model.exists()
     (version,) = read_model(folder).versions

@@ -1,4 +1,4 @@
-"""End to end: `serverctl serve` on the example repository, driven by tritonclient and our clients."""
+"""End to end: `serverctl serve` on the examples, driven by tritonclient and our own clients."""
 
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ import tritonclient.grpc.aio as tca
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from conftest import EXAMPLES
 from tiffin.clients import AsyncInferenceClient, InferenceClient
 from tiffin.protos import method_path, protocol
-
-from conftest import EXAMPLES
 
 RNG = np.random.default_rng(1234)
 
@@ -25,8 +24,11 @@ RNG = np.random.default_rng(1234)
 def in_process(model: str, version: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(EXAMPLES / model / str(version) / "model.onnx"), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(EXAMPLES / model / str(version) / "model.onnx"),
+        options,
+        providers=["CPUExecutionProvider"],
+    )
     return session.run(None, feeds)
 
 
@@ -58,9 +60,12 @@ def test_model_metadata_has_batch_dimension(client):
     meta = client.get_model_metadata("classifier")
     assert sorted(meta.versions) == ["1", "2"]
     assert meta.platform == "onnxruntime_onnx"
-    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("features", "FP32", [-1, 4])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("features", "FP32", [-1, 4])
+    ]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
-        ("probabilities", "FP32", [-1, 3])]
+        ("probabilities", "FP32", [-1, 3])
+    ]
     # A model without batching shows its dims as they are.
     upper = client.get_model_metadata("uppercase")
     assert list(upper.inputs[0].shape) == [-1] and upper.versions == ["1"]
@@ -83,8 +88,12 @@ def test_model_config_fields_clients_read(client):
 @pytest.mark.parametrize("version", [1, 2])
 def test_infer_matches_onnxruntime_in_process(client, version):
     x = features(5)
-    result = client.infer("classifier", [triton_input("features", x, "FP32")],
-                          model_version=str(version), request_id="req-7")
+    result = client.infer(
+        "classifier",
+        [triton_input("features", x, "FP32")],
+        model_version=str(version),
+        request_id="req-7",
+    )
     expected = in_process("classifier", version, {"features": x})[0]
     np.testing.assert_array_equal(result.as_numpy("probabilities"), expected)
     response = result.get_response()
@@ -95,8 +104,9 @@ def test_newest_version_serves_when_none_given(client):
     x = features(1)
     result = client.infer("classifier", [triton_input("features", x, "FP32")])
     assert result.get_response().model_version == "2"
-    np.testing.assert_array_equal(result.as_numpy("probabilities"),
-                                  in_process("classifier", 2, {"features": x})[0])
+    np.testing.assert_array_equal(
+        result.as_numpy("probabilities"), in_process("classifier", 2, {"features": x})[0]
+    )
 
 
 def test_requested_output_selection(client):
@@ -121,9 +131,11 @@ def test_bytes_tensors(client):
 def _raw_infer(url: str, request):
     pb = protocol()
     with grpc.insecure_channel(url) as channel:
-        call = channel.unary_unary(method_path("ModelInfer"),
-                                   request_serializer=pb.ModelInferRequest.SerializeToString,
-                                   response_deserializer=pb.ModelInferResponse.FromString)
+        call = channel.unary_unary(
+            method_path("ModelInfer"),
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
         return call(request, timeout=10)
 
 
@@ -141,14 +153,18 @@ def test_typed_contents_inputs(example_server):
     request = pb.ModelInferRequest(model_name="add_sub")
     for name in ("INPUT0", "INPUT1"):
         request.inputs.add(name=name, datatype="INT32", shape=[1, 16]).contents.int_contents.extend(
-            a.reshape(-1).tolist())
+            a.reshape(-1).tolist()
+        )
     response = _raw_infer(example_server.url, request)
     assert [o.name for o in response.outputs] == ["OUTPUT0", "OUTPUT1"]
-    np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], np.int32), 2 * a[0])
+    np.testing.assert_array_equal(
+        np.frombuffer(response.raw_output_contents[0], np.int32), 2 * a[0]
+    )
 
     request = pb.ModelInferRequest(model_name="uppercase")
     request.inputs.add(name="text", datatype="BYTES", shape=[2]).contents.bytes_contents.extend(
-        [b"ab", b"c"])
+        [b"ab", b"c"]
+    )
     response = _raw_infer(example_server.url, request)
     assert response.raw_output_contents[0] == b"\x02\x00\x00\x00AB\x01\x00\x00\x00C"
 
@@ -162,8 +178,12 @@ def test_stream_infer_answers_in_order_with_ids_and_final_flag(example_server):
         for i in range(20):
             x = features(1 + i % 4)
             sent[str(i)] = x
-            client.async_stream_infer("classifier", [triton_input("features", x, "FP32")],
-                                      request_id=str(i), model_version="1")
+            client.async_stream_infer(
+                "classifier",
+                [triton_input("features", x, "FP32")],
+                request_id=str(i),
+                model_version="1",
+            )
         got = [answers.get(timeout=10) for _ in range(20)]
     finally:
         client.stop_stream()
@@ -183,13 +203,17 @@ def test_aio_tritonclient_infer_and_stream(example_server):
         try:
             x = features(3)
             unary = await client.infer("classifier", [triton_input("features", x, "FP32")])
-            np.testing.assert_array_equal(unary.as_numpy("probabilities"),
-                                          in_process("classifier", 2, {"features": x})[0])
+            np.testing.assert_array_equal(
+                unary.as_numpy("probabilities"), in_process("classifier", 2, {"features": x})[0]
+            )
 
             async def requests():
                 for i in range(5):
-                    yield {"model_name": "classifier", "request_id": f"s{i}",
-                           "inputs": [triton_input("features", x, "FP32")]}
+                    yield {
+                        "model_name": "classifier",
+                        "request_id": f"s{i}",
+                        "inputs": [triton_input("features", x, "FP32")],
+                    }
 
             ids = []
             async for result, error in client.stream_infer(requests()):
@@ -205,8 +229,9 @@ def test_aio_tritonclient_infer_and_stream(example_server):
 def test_statistics_count_requests(client):
     before = client.get_inference_statistics("classifier", "1").model_stats[0]
     for _ in range(3):
-        client.infer("classifier", [triton_input("features", features(2), "FP32")],
-                     model_version="1")
+        client.infer(
+            "classifier", [triton_input("features", features(2), "FP32")], model_version="1"
+        )
     after = client.get_inference_statistics("classifier", "1").model_stats[0]
     assert after.name == "classifier" and after.version == "1"
     assert after.inference_stats.success.count - before.inference_stats.success.count == 3
@@ -217,14 +242,21 @@ def test_statistics_count_requests(client):
     assert any(b.batch_size == 2 for b in after.batch_stats)
     everything = client.get_inference_statistics()
     assert {(s.name, s.version) for s in everything.model_stats} >= {
-        ("classifier", "1"), ("classifier", "2"), ("add_sub", "1"), ("uppercase", "1")}
+        ("classifier", "1"),
+        ("classifier", "2"),
+        ("add_sub", "1"),
+        ("uppercase", "1"),
+    }
 
 
 def test_repository_index(client):
     index = client.get_model_repository_index()
     assert {(m.name, m.version, m.state) for m in index.models} == {
-        ("add_sub", "1", "READY"), ("classifier", "1", "READY"), ("classifier", "2", "READY"),
-        ("uppercase", "1", "READY")}
+        ("add_sub", "1", "READY"),
+        ("classifier", "1", "READY"),
+        ("classifier", "2", "READY"),
+        ("uppercase", "1", "READY"),
+    }
 
 
 def test_grpc_health_service_per_model(example_server):
@@ -244,7 +276,8 @@ def test_server_reflection_lists_and_describes_services(example_server):
         requests = [
             reflection_pb2.ServerReflectionRequest(list_services=""),
             reflection_pb2.ServerReflectionRequest(
-                file_containing_symbol="inference.GRPCInferenceService"),
+                file_containing_symbol="inference.GRPCInferenceService"
+            ),
         ]
         listed, described = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
     names = {s.name for s in listed.list_services_response.service}

@@ -65,8 +65,9 @@ def test_sigterm_finishes_in_flight_requests(slow_repo):
 def test_requests_after_shutdown_began_are_refused(slow_repo):
     server = ServerProcess(slow_repo)
     client = tc.InferenceServerClient(server.url)
-    worker = threading.Thread(target=lambda: client.infer("slow", [slow_input()],
-                                                          client_timeout=60))
+    worker = threading.Thread(
+        target=lambda: client.infer("slow", [slow_input()], client_timeout=60)
+    )
     worker.start()
     time.sleep(0.2)
     server.proc.send_signal(signal.SIGTERM)
@@ -82,8 +83,9 @@ def test_load_and_unload_models(make_server, example_repo_copy):
     server = make_server(example_repo_copy)
     client = tc.InferenceServerClient(server.url)
     client.unload_model("add_sub")
-    index = {(m.name, m.version): (m.state, m.reason)
-             for m in client.get_model_repository_index().models}
+    index = {
+        (m.name, m.version): (m.state, m.reason) for m in client.get_model_repository_index().models
+    }
     assert index[("add_sub", "1")] == ("UNAVAILABLE", "unloaded")
     with pytest.raises(InferenceServerException) as info:
         client.infer("add_sub", [])
@@ -121,15 +123,37 @@ def test_reload_picks_up_a_new_version(make_server, example_repo_copy):
 def test_port_already_taken_fails_clearly(example_server):
     port = example_server.url.rsplit(":", 1)[1]
     result = subprocess.run(
-        [sys.executable, "-m", "tiffin.server.cli", "serve", "--model-repository", str(EXAMPLES),
-         "--grpc-port", port], capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "tiffin.server.cli",
+            "serve",
+            "--model-repository",
+            str(EXAMPLES),
+            "--grpc-port",
+            port,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stdout + result.stderr
 
 
 def test_missing_repository_fails_clearly(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "tiffin.server.cli", "serve", "--model-repository",
-         str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "tiffin.server.cli",
+            "serve",
+            "--model-repository",
+            str(tmp_path / "nope"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "is not a folder" in result.stdout + result.stderr
