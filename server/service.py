@@ -323,14 +323,15 @@ class InferenceService:
         pending: queue.SimpleQueue[tuple[Any, Any, model_config.ModelConfig | None] | None] = (
             queue.SimpleQueue()
         )
-        started: list[concurrent.futures.Future[Any]] = []
+        outstanding: set[concurrent.futures.Future[Any]] = set()  # only unfinished ones
 
         def read_requests() -> None:
             try:
                 for msg in request_iterator:
                     try:
                         future, config = self._start_infer(msg, None)
-                        started.append(future)
+                        outstanding.add(future)
+                        future.add_done_callback(outstanding.discard)
                         pending.put((msg, future, config))
                     except TiffinError as exc:
                         pending.put((msg, exc, None))
@@ -340,7 +341,7 @@ class InferenceService:
                 pending.put(None)
 
         def cancel_outstanding() -> None:
-            for future in started:
+            for future in list(outstanding):
                 future.cancel()
 
         context.add_callback(cancel_outstanding)

@@ -157,3 +157,33 @@ def test_missing_repository_fails_clearly(tmp_path):
     )
     assert result.returncode == 1
     assert "is not a folder" in result.stdout + result.stderr
+
+
+def test_long_stream_does_not_grow_server_memory(example_server):
+    """A stream holds only its unfinished requests (perf_analyzer keeps one open per worker)."""
+    import queue as queue_module
+
+    def rss_mb() -> float:
+        status = open(f"/proc/{example_server.proc.pid}/status").read()
+        return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+    client = tc.InferenceServerClient(example_server.url)
+    answers: queue_module.Queue = queue_module.Queue()
+    client.start_stream(lambda result, error: answers.put(error))
+    tensor = tc.InferInput("features", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
+
+    def burst(count: int) -> None:
+        for i in range(count):
+            client.async_stream_infer("classifier", [tensor], request_id=str(i))
+            if i % 64 == 63:
+                assert [answers.get(timeout=10) for _ in range(64)] == [None] * 64
+
+    try:
+        burst(1024)
+        before = rss_mb()
+        burst(8192)  # kept futures grew the server by about 4 MB per 1000 requests
+        growth = rss_mb() - before
+    finally:
+        client.stop_stream()
+    assert growth < 12, f"server memory grew {growth:.1f} MB over 8192 streamed requests"
