@@ -6,6 +6,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+# The request-level durations Tiffin measures, by their Triton names.
+DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+
 
 @dataclass
 class Duration:
@@ -78,14 +81,7 @@ class ModelStatistics:
                 inference_count=self.inference_count,
                 execution_count=self.execution_count,
             )
-            for name in (
-                "success",
-                "fail",
-                "queue",
-                "compute_input",
-                "compute_infer",
-                "compute_output",
-            ):
+            for name in DURATIONS:
                 d = getattr(self, name)
                 setattr(copy, name, Duration(d.count, d.ns))
             copy.batches = {

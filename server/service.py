@@ -28,6 +28,7 @@ from tiffin.protos.errors import (
     Unsupported,
 )
 from tiffin.scheduler import InferenceResponse, ModelKey, Scheduler
+from tiffin.scheduler.statistics import DURATIONS
 
 from .config_message import config_message
 from .inference import decode_request, encode_response
@@ -212,20 +213,11 @@ class InferenceService:
         target.inference_count = stats.inference_count
         target.execution_count = stats.execution_count
         infer = target.inference_stats
-        for name in (
-            "success",
-            "fail",
-            "queue",
-            "compute_input",
-            "compute_infer",
-            "compute_output",
-            "cache_hit",
-            "cache_miss",
-        ):
-            duration = getattr(stats, name, None)
+        for name in (*DURATIONS, "cache_hit", "cache_miss"):
             field = getattr(infer, name)
-            field.SetInParent()  # Triton fills every sub-message, zeros included
-            if duration is not None:
+            field.SetInParent()  # Triton fills every sub-message, zeros included (no cache here)
+            if name in DURATIONS:
+                duration = getattr(stats, name)
                 field.count, field.ns = duration.count, duration.ns
         for size in sorted(stats.batches):
             batch = stats.batches[size]
