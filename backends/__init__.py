@@ -25,10 +25,7 @@ def resolve_backend_name(backend: str, platform: str = "", filenames: Sequence[s
     """The backend for a config: its `backend`, else its Triton `platform`, else the model
     file's extension. Raises ValueError naming what it tried."""
     if backend:
-        if backend not in _REGISTRY:
-            raise ValueError(
-                f"unknown backend '{backend}'; available: {', '.join(backend_names())}"
-            )
+        get_backend(backend)  # raises ValueError naming what is wrong
         return backend
     if platform:
         if platform not in _PLATFORMS:
@@ -48,17 +45,23 @@ def resolve_backend_name(backend: str, platform: str = "", filenames: Sequence[s
 
 
 def get_backend(name: str) -> type[Backend]:
-    """The Backend class registered under `name` (imports its framework)."""
+    """The Backend class registered under `name`, or named by import path ("pkg.module:Class",
+    for backends of your own). Imports its framework."""
     import importlib
 
-    try:
-        target = _REGISTRY[name]
-    except KeyError:
+    target = _REGISTRY.get(name, name)
+    if ":" not in target:
         raise ValueError(
-            f"unknown backend '{name}'; available: {', '.join(backend_names())}"
-        ) from None
-    module_name, class_name = target.split(":")
-    cls: type[Backend] = getattr(importlib.import_module(module_name), class_name)
+            f"unknown backend '{name}'; available: {', '.join(backend_names())}, or a Backend "
+            "subclass by import path such as 'my_package.my_module:MyBackend'"
+        )
+    module_name, class_name = target.split(":", 1)
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"backend '{name}' cannot be imported: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise ValueError(f"backend '{name}' is not a subclass of tiffin.backends.Backend")
     return cls
 
 

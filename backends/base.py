@@ -38,7 +38,8 @@ class Backend(ABC):
 
     #: Registered name, used as `backend:` in config.yaml.
     name: str = ""
-    #: File inside a version folder that holds the model, unless the config names another.
+    #: File inside a version folder that holds the model, unless the config names another;
+    #: empty for backends that need no file (they get the version folder).
     default_model_filename: str = ""
 
     @classmethod

@@ -50,9 +50,10 @@ class ServerNotReady(TiffinError):
 
 
 class QueueFull(TiffinError):
-    """The model's queue is at max_queue_size."""
+    """The model's queue is at max_queue_size (Triton answers UNAVAILABLE; RESOURCE_EXHAUSTED
+    tells clients more precisely to back off)."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class RequestTimeout(TiffinError):

@@ -79,13 +79,17 @@ class VersionPolicy(_Frozen):
     def _exactly_one(cls, data: object) -> object:
         if not isinstance(data, dict):
             return data
-        chosen = [k for k in ("latest", "all", "specific") if k in data]
+        policies = ("latest", "all", "specific")
+        chosen = [k for k in policies if data.get(k) is not None]
+        if not chosen and "all" in data:
+            chosen = ["all"]  # `all:` with nothing after it reads as None in YAML
         if len(chosen) > 1:
             raise ValueError(f"give only one of latest, all, specific (got {', '.join(chosen)})")
-        if not chosen:  # keep any other keys, so that a misspelt one is still rejected
-            return {**data, "latest": {}}
-        # `all:` with nothing after it reads as None in YAML; it still means "all".
-        return {k: ({} if v is None else v) for k, v in data.items()}
+        # Unset policies (None, as model_dump writes them) are dropped; other keys are kept
+        # so that a misspelt one is still rejected.
+        rest = {k: v for k, v in data.items() if k not in policies}
+        choice = chosen[0] if chosen else "latest"
+        return {**rest, choice: data.get(choice) or {}}
 
     def select(self, available: list[int]) -> list[int]:
         """The versions to serve among those found on disk, ascending."""
@@ -98,7 +102,7 @@ class VersionPolicy(_Frozen):
         return ordered[-latest.num_versions :]
 
 
-InstanceKind = Literal["auto", "cpu", "gpu"]
+InstanceKind = Literal["auto", "cpu", "gpu", "inline"]
 
 
 class InstanceGroup(_Frozen):
@@ -107,7 +111,9 @@ class InstanceGroup(_Frozen):
     name: str = Field("", description="Group name, for logs.")
     count: int = Field(1, ge=1, description="Instances in this group (per GPU for kind gpu).")
     kind: InstanceKind = Field(
-        "auto", description="cpu, gpu, or auto (a GPU when one is present, else the CPU)."
+        "auto",
+        description="cpu or gpu (a worker process each), auto (gpu when one is present, else "
+        "cpu), or inline (on the CPU inside the server process: no IPC, for tiny models).",
     )
     gpus: list[int] = Field(default_factory=list, description="GPU ids for kind gpu/auto.")
 

@@ -26,14 +26,14 @@ def visible_gpus() -> list[int]:
     return [i for i in range(len(ids)) if i < present]
 
 
-def place_instances(groups: list[InstanceGroup], model: str) -> list[Device]:
-    """One Device per instance. Raises ValueError when a GPU asked for is not here."""
+def place_instances(groups: list[InstanceGroup], model: str) -> list[tuple[Device, bool]]:
+    """(device, inline) per instance. Raises ValueError when a GPU asked for is not here."""
     gpus = visible_gpus()
-    devices: list[Device] = []
+    devices: list[tuple[Device, bool]] = []
     for group in groups:
         label = f"instance_group '{group.name}'" if group.name else "instance_group"
-        if group.kind == "cpu":
-            devices += [Device("cpu")] * group.count
+        if group.kind in ("cpu", "inline"):
+            devices += [(Device("cpu"), group.kind == "inline")] * group.count
             continue
         wanted = group.gpus or gpus
         missing = [g for g in group.gpus if g not in gpus]
@@ -48,8 +48,8 @@ def place_instances(groups: list[InstanceGroup], model: str) -> list[Device]:
             log.warning(
                 "model '%s': no GPU available for %s of kind auto; using the CPU", model, label
             )
-            devices += [Device("cpu")] * group.count
+            devices += [(Device("cpu"), False)] * group.count
             continue
         for gpu in wanted:
-            devices += [Device("gpu", gpu)] * group.count
+            devices += [(Device("gpu", gpu), False)] * group.count
     return devices

@@ -1,4 +1,4 @@
-"""The queue and instances of one model version."""
+"""One model version: its dynamic batcher and its instances, each taking a batch when idle."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import time
 
 import numpy as np
 
-from tiffin.protos.errors import BackendError, DeadlineExceeded, ModelNotReady, TiffinError
+from tiffin.protos.errors import BackendError, ModelNotReady, TiffinError
+from tiffin.protos.model_config import ModelConfig
 
-from .instance import InlineInstance
+from .batcher import DynamicBatcher, Entry
+from .instance import Execution, Instance
 from .request import InferenceRequest, InferenceResponse, ModelKey
 from .statistics import ModelStatistics
 
@@ -18,101 +20,141 @@ log = logging.getLogger(__name__)
 
 
 class ModelExecutor:
-    """Serves one model version: requests wait in a FIFO queue and each idle instance
-    takes the next one. Requests run one at a time per instance."""
+    """Serves one model version. A request fails alone: results are per request."""
 
-    def __init__(self, key: ModelKey, instances: list[InlineInstance]) -> None:
+    def __init__(self, key: ModelKey, config: ModelConfig, instances: list[Instance]) -> None:
         self.key = key
         self.statistics = ModelStatistics()
+        self._config = config
+        self._output_order = [t.name for t in config.outputs]
+        self._batcher = DynamicBatcher(key, config)
         self._instances = instances
-        self._queue: asyncio.Queue[tuple[InferenceRequest, asyncio.Future[InferenceResponse]]] = (
-            asyncio.Queue()
-        )
         self._tasks: list[asyncio.Task[None]] = []
-        self._in_flight = 0
+        self._running = 0
         self._closed = False
 
     async def start(self) -> None:
         """Loads every instance (concurrently) and starts serving."""
-        try:
-            await asyncio.gather(*(i.load() for i in self._instances))
-        except BaseException:
+        results = await asyncio.gather(*(i.load() for i in self._instances), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
             await asyncio.gather(*(i.unload() for i in self._instances), return_exceptions=True)
-            raise
+            raise failures[0]
         self._tasks = [asyncio.create_task(self._serve(i)) for i in self._instances]
+
+    def instances_changed(self) -> None:
+        """Called by instances when one dies or comes back."""
+        if self._tasks and not any(i.alive for i in self._instances):
+            self._batcher.fail_all(self._no_instance())
+
+    def _no_instance(self) -> ModelNotReady:
+        return ModelNotReady(
+            f"model '{self.key.name}' version {self.key.version} has no running instance "
+            "(its workers are restarting)"
+        )
 
     async def submit(self, request: InferenceRequest) -> InferenceResponse:
         if self._closed:
             raise ModelNotReady(f"model '{self.key.name}' version {self.key.version} is unloading")
-        future: asyncio.Future[InferenceResponse] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((request, future))
-        return await future
+        if not any(i.alive for i in self._instances):
+            raise self._no_instance()
+        return await self._batcher.put(request)
 
     async def stop(self) -> None:
         """Stops taking requests, finishes those queued and running, then unloads."""
         self._closed = True
-        while not self._queue.empty() or self._in_flight:
+        while self._batcher.queued() or self._running:
+            if not any(i.alive for i in self._instances):
+                self._batcher.fail_all(self._no_instance())
             await asyncio.sleep(0.005)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(i.unload() for i in self._instances), return_exceptions=True)
 
-    async def _serve(self, instance: InlineInstance) -> None:
+    async def _serve(self, instance: Instance) -> None:
         while True:
-            request, future = await self._queue.get()
-            if future.done():  # the caller went away while it waited
+            await instance.wait_alive()  # a worker restarting after a crash
+            entries = [e for e in await self._batcher.next_batch() if not e.future.done()]
+            if not entries:
                 continue
-            self._in_flight += 1
+            self._running += 1
             try:
-                await self._run(instance, request, future)
+                await self._execute(instance, entries)
+            except Exception:  # a bug here must not stop the instance serving
+                log.exception("model '%s': batch failed unexpectedly", self.key.name)
+                self._fail(entries, BackendError("the server failed while running this batch"))
             finally:
-                self._in_flight -= 1
+                self._running -= 1
 
-    async def _run(
-        self,
-        instance: InlineInstance,
-        request: InferenceRequest,
-        future: asyncio.Future[InferenceResponse],
-    ) -> None:
+    async def _execute(self, instance: Instance, entries: list[Entry]) -> None:
         stats = self.statistics
-        start = time.monotonic_ns()
-        stats.record_queue(start - request.arrival_ns)
+        requests = [e.request for e in entries]
+        started = time.monotonic_ns()
+        for request in requests:
+            stats.record_queue(started - request.arrival_ns)
+        wanted = {name for r in requests for name in r.outputs}
+        outputs = [name for name in self._output_order if name in wanted]
         try:
-            if request.deadline is not None and time.monotonic() > request.deadline:
-                raise DeadlineExceeded(
-                    f"the client's deadline passed while the request waited for model "
-                    f"'{self.key.name}'"
-                )
-            try:
-                outputs = await instance.infer(request.inputs, request.outputs)
-            except Exception as exc:
-                log.warning("model '%s' instance %s failed: %s", self.key.name, instance.name, exc)
-                raise BackendError(
-                    f"model '{self.key.name}' version {self.key.version} failed: {exc}"
-                ) from exc
-            infer_done = time.monotonic_ns()
-            response = InferenceResponse(
-                self.key, self._check_outputs(request, outputs), request.id
-            )
-            done = time.monotonic_ns()
-            stats.record_execution(request.batch_size, 1, 0, infer_done - start, done - infer_done)
+            execution = await instance.execute(requests, outputs)
         except TiffinError as exc:
-            stats.record_outcome(False, time.monotonic_ns() - request.arrival_ns)
-            if not future.done():
-                future.set_exception(exc)
+            if isinstance(exc, BackendError):
+                exc = BackendError(
+                    f"model '{self.key.name}' version {self.key.version} failed: {exc.message}"
+                )
+                log.warning("%s", exc.message)
+            self._fail(entries, exc)
             return
-        stats.record_outcome(True, done - request.arrival_ns)
-        if not future.done():
-            future.set_result(response)
+        output_start = time.perf_counter_ns()
+        responses = self._scatter(requests, execution)
+        output_ns = time.perf_counter_ns() - output_start
+        rows = sum(r.batch_size for r in requests)
+        stats.record_execution(
+            rows, len(requests), execution.input_ns, execution.infer_ns, output_ns
+        )
+        done = time.monotonic_ns()
+        for entry, response in zip(entries, responses, strict=True):
+            if isinstance(response, TiffinError):
+                stats.record_outcome(False, done - entry.request.arrival_ns)
+                if not entry.future.done():
+                    entry.future.set_exception(response)
+                continue
+            stats.record_outcome(True, done - entry.request.arrival_ns)
+            if not entry.future.done():
+                entry.future.set_result(response)
 
-    def _check_outputs(
-        self, request: InferenceRequest, outputs: dict[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        """The backend must return every requested output; fail clearly if it did not."""
-        missing = [name for name in request.outputs if name not in outputs]
-        if missing:
-            raise BackendError(
-                f"model '{self.key.name}' returned no output named {', '.join(missing)}"
-            )
-        return {name: np.asarray(outputs[name]) for name in request.outputs}
+    def _scatter(
+        self, requests: list[InferenceRequest], execution: Execution
+    ) -> list[InferenceResponse | TiffinError]:
+        """Each request's own rows of each output it asked for."""
+        batched = self._config.batching and len(requests) > 1
+        total_rows = sum(r.batch_size for r in requests)
+        responses: list[InferenceResponse | TiffinError] = []
+        row = 0
+        for request in requests:
+            rows = slice(row, row + request.batch_size) if batched else slice(None)
+            row += request.batch_size
+            outputs = {}
+            for name in request.outputs:
+                array = execution.outputs[name]
+                if batched and array.shape[:1] != (total_rows,):
+                    responses.append(
+                        BackendError(
+                            f"model '{self.key.name}' returned output '{name}' with shape "
+                            f"{list(array.shape)}, which does not have one row per batch item"
+                        )
+                    )
+                    break
+                part = array[rows]
+                # Views of a worker's arena are copied out before its next batch reuses it.
+                outputs[name] = np.array(part) if execution.borrowed else part
+            else:
+                responses.append(InferenceResponse(self.key, outputs, request.id))
+        return responses
+
+    def _fail(self, entries: list[Entry], error: TiffinError) -> None:
+        now = time.monotonic_ns()
+        for entry in entries:
+            self.statistics.record_outcome(False, now - entry.request.arrival_ns)
+            if not entry.future.done():
+                entry.future.set_exception(error)

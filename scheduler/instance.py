@@ -1,26 +1,78 @@
-"""Model instances: one loaded backend each, running one batch at a time."""
+"""Model instances: one loaded backend each, running one batch at a time.
+
+`InlineInstance` runs the backend inside the frontend process on a thread of its own
+(for tiny models, where crossing processes costs more than the compute).
+`WorkerInstance` runs it in a worker process fed through a shared-memory arena, and
+restarts that process if it dies.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
+import pickle
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
 from tiffin.backends import Backend, Device, get_backend
+from tiffin.protos.errors import BackendError, ModelNotReady
 from tiffin.protos.model_config import ModelConfig
+
+from .arena import Arena
+from .request import InferenceRequest
+from .tensorref import view, write_inputs
+from .worker import run_worker
 
 log = logging.getLogger(__name__)
 
+RESTART_BACKOFF_SECONDS = (0.2, 1.0, 2.0, 5.0, 10.0)
+
+
+@dataclass
+class Execution:
+    """The outputs of one batch, whole (all rows), and how long its stages took."""
+
+    outputs: dict[str, np.ndarray]
+    borrowed: bool  # the arrays view an arena that the instance's next batch reuses
+    input_ns: int
+    infer_ns: int
+
+
+class InstanceDied(ModelNotReady):
+    """The worker process running the batch exited."""
+
+
+class Instance(Protocol):
+    name: str
+    device: Device
+
+    @property
+    def alive(self) -> bool: ...
+
+    async def load(self) -> None: ...
+
+    async def wait_alive(self) -> None: ...
+
+    async def execute(self, requests: list[InferenceRequest], outputs: list[str]) -> Execution: ...
+
+    async def unload(self) -> None: ...
+
+
+def gather_inputs(requests: list[InferenceRequest]) -> dict[str, list[np.ndarray]]:
+    """Input name -> the arrays of every request, in request order."""
+    return {name: [r.inputs[name] for r in requests] for name in requests[0].inputs}
+
 
 class InlineInstance:
-    """Runs the backend inside the frontend process, on a thread of its own.
-
-    The backend is loaded, run and unloaded on that one thread, so frameworks
-    that keep per-thread state see a single thread.
-    """
+    """Runs the backend in the frontend process, loaded, run and unloaded on one thread."""
 
     def __init__(self, name: str, config: ModelConfig, version_dir: Path, device: Device) -> None:
         self.name = name
@@ -30,6 +82,10 @@ class InlineInstance:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._backend: Backend | None = None
 
+    @property
+    def alive(self) -> bool:
+        return self._backend is not None
+
     async def load(self) -> None:
         backend = get_backend(self._config.backend)()
         loop = asyncio.get_running_loop()
@@ -37,18 +93,226 @@ class InlineInstance:
             self._thread, backend.load, self._config, self._version_dir, self.device
         )
         self._backend = backend
-        log.debug("instance %s loaded on %s", self.name, self.device)
 
-    async def infer(
-        self, inputs: dict[str, np.ndarray], outputs: list[str]
-    ) -> dict[str, np.ndarray]:
-        assert self._backend is not None, "infer() before load()"
+    async def wait_alive(self) -> None:
+        return None
+
+    async def execute(self, requests: list[InferenceRequest], outputs: list[str]) -> Execution:
+        assert self._backend is not None, "execute() before load()"
+        start = time.perf_counter_ns()
+        inputs = {
+            name: arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+            for name, arrays in gather_inputs(requests).items()
+        }
+        input_ns = time.perf_counter_ns() - start
+        backend = self._backend
+
+        def run() -> tuple[dict[str, np.ndarray], int]:
+            begin = time.perf_counter_ns()
+            results = backend.infer(inputs, outputs)
+            return results, time.perf_counter_ns() - begin
+
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._backend.infer, inputs, outputs)
+        try:
+            results, infer_ns = await loop.run_in_executor(self._thread, run)
+        except Exception as exc:
+            raise BackendError(str(exc) or type(exc).__name__) from exc
+        missing = [n for n in outputs if n not in results]
+        if missing:
+            raise BackendError(f"the backend returned no output named {', '.join(missing)}")
+        return Execution({n: np.asarray(results[n]) for n in outputs}, False, input_ns, infer_ns)
 
     async def unload(self) -> None:
         backend, self._backend = self._backend, None
         if backend is not None:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._thread, backend.unload)
+            await asyncio.get_running_loop().run_in_executor(self._thread, backend.unload)
         self._thread.shutdown(wait=False)
+
+
+def worker_environment(device: Device) -> tuple[dict[str, str], Device]:
+    """CUDA_VISIBLE_DEVICES for a worker, and the device as the worker will see it."""
+    if device.kind == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": ""}, device  # CPU instances never touch a GPU
+    parent_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if parent_visible:  # our GPU ids index the parent's own visible list
+        physical = [v.strip() for v in parent_visible.split(",") if v.strip()][device.id]
+    else:
+        physical = str(device.id)
+    return {"CUDA_VISIBLE_DEVICES": physical}, Device("gpu", 0)
+
+
+class WorkerInstance:
+    """Runs the backend in a worker process started with `spawn`, fed through an arena.
+
+    If the process dies, the batch it was running fails with UNAVAILABLE naming the
+    instance, and a new process is started (with backoff) while the model stays loaded.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: ModelConfig,
+        version_dir: Path,
+        device: Device,
+        arena_bytes: int,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.name = name
+        self.device = device
+        self._config = config
+        self._version_dir = version_dir
+        self._arena_bytes = arena_bytes
+        self._on_change = on_change
+        self._arena: Arena | None = None
+        self._process: Any = None
+        self._conn: Any = None
+        self._pending: asyncio.Future[Any] | None = None
+        self._alive = asyncio.Event()
+        self._stopping = False
+        self._restarting: asyncio.Task[None] | None = None
+        self.worker_info: dict[str, Any] = {}  # what the worker reported: pid, environment
+
+    @property
+    def alive(self) -> bool:
+        return self._alive.is_set()
+
+    async def load(self) -> None:
+        self._arena = Arena.create(self.name, self._arena_bytes)
+        try:
+            await self._start_process()
+        except BaseException:
+            self._arena.close()
+            self._arena = None
+            raise
+
+    async def _start_process(self) -> None:
+        assert self._arena is not None
+        loop = asyncio.get_running_loop()
+        context = multiprocessing.get_context("spawn")
+        parent_end, child_end = context.Pipe()
+        environment, worker_device = worker_environment(self.device)
+        process = context.Process(
+            target=run_worker,
+            name=f"tiffin-{self.name}",
+            daemon=True,
+            args=(
+                child_end,
+                self._arena.name,
+                self._config.model_dump(),
+                str(self._version_dir),
+                (worker_device.kind, worker_device.id),
+                environment,
+            ),
+        )
+        await loop.run_in_executor(None, process.start)
+        child_end.close()
+        self._process, self._conn = process, parent_end
+        self._pending = loop.create_future()
+        loop.add_reader(parent_end.fileno(), self._on_message, process)
+        loop.add_reader(process.sentinel, self._on_exit, process)
+        message = await self._pending
+        if message[0] == "failed":
+            await self._reap()
+            raise RuntimeError(message[1])
+        self.worker_info = message[1]
+        self._alive.set()
+        self._on_change()
+        log.info("instance %s: worker pid %d ready on %s", self.name, process.pid, self.device)
+
+    def _on_message(self, process: Any) -> None:
+        try:
+            message = pickle.loads(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            self._on_exit(process)
+            return
+        future, self._pending = self._pending, None
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    def _on_exit(self, process: Any) -> None:
+        if process is not self._process or self._process is None:
+            return  # this process was already handled
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(process.sentinel)
+        loop.remove_reader(self._conn.fileno())
+        process.join(timeout=1)
+        code = process.exitcode
+        self._conn.close()
+        self._process = None
+        self._alive.clear()
+        self._on_change()
+        error = InstanceDied(
+            f"instance {self.name} of model '{self._config.name}' (worker pid {process.pid}) "
+            f"exited with code {code} while running this request"
+        )
+        future, self._pending = self._pending, None
+        if future is not None and not future.done():
+            future.set_exception(error)
+        if not self._stopping and self.worker_info:
+            log.error("%s; restarting it", error.message.replace(" while running this request", ""))
+            self._restarting = loop.create_task(self._restart())
+
+    async def _restart(self) -> None:
+        for attempt in range(10**9):
+            delay = RESTART_BACKOFF_SECONDS[min(attempt, len(RESTART_BACKOFF_SECONDS) - 1)]
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            try:
+                await self._start_process()
+                return
+            except Exception as exc:
+                log.error(
+                    "instance %s could not restart (attempt %d): %s", self.name, attempt + 1, exc
+                )
+
+    async def wait_alive(self) -> None:
+        await self._alive.wait()
+
+    async def execute(self, requests: list[InferenceRequest], outputs: list[str]) -> Execution:
+        if not self.alive or self._arena is None:
+            raise InstanceDied(f"instance {self.name} of model '{self._config.name}' is restarting")
+        start = time.perf_counter_ns()
+        refs, free_offset = write_inputs(self._arena, gather_inputs(requests))
+        input_ns = time.perf_counter_ns() - start
+        future = asyncio.get_running_loop().create_future()
+        self._pending = future
+        self._conn.send_bytes(
+            pickle.dumps(("infer", refs, outputs, free_offset), protocol=pickle.HIGHEST_PROTOCOL)
+        )
+        message = await future
+        if message[0] == "error":
+            raise BackendError(message[1])
+        _, output_refs, infer_ns = message
+        return Execution(
+            {ref.name: view(self._arena, ref) for ref in output_refs}, True, input_ns, infer_ns
+        )
+
+    async def _reap(self) -> None:
+        """Stops the current worker process, politely first."""
+        process, conn = self._process, self._conn
+        if process is None:
+            return
+        self._process = None
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(process.sentinel)
+        loop.remove_reader(conn.fileno())
+        try:
+            conn.send_bytes(pickle.dumps(("stop",)))
+        except OSError:
+            pass
+        await loop.run_in_executor(None, process.join, 10)
+        if process.is_alive():
+            process.kill()
+            await loop.run_in_executor(None, process.join, 5)
+        conn.close()
+
+    async def unload(self) -> None:
+        self._stopping = True
+        if self._restarting is not None:
+            self._restarting.cancel()
+        self._alive.clear()
+        await self._reap()
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None

@@ -5,16 +5,36 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from tiffin.protos.datatypes import DATATYPES
 from tiffin.protos.errors import ModelNotReady
 from tiffin.protos.model_config import ModelConfig
+from tiffin.protos.tensors import element_count
 
+from .arena import align
 from .devices import place_instances
 from .executor import ModelExecutor
-from .instance import InlineInstance
+from .instance import InlineInstance, Instance, WorkerInstance
 from .request import InferenceRequest, InferenceResponse, ModelKey
 from .statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
+
+MIN_ARENA_BYTES = 1 << 20
+# Arena for models whose tensor sizes vary (-1 dims, BYTES): pages of /dev/shm cost
+# memory only once written, so a generous size is cheap; larger batches go inline.
+VARIABLE_ARENA_BYTES = 64 << 20
+
+
+def arena_bytes(config: ModelConfig) -> int:
+    """Room for one full batch of every input and output."""
+    rows = config.max_batch_size or 1
+    total = 0
+    for tensor in [*config.inputs, *config.outputs]:
+        dtype = DATATYPES[tensor.datatype]
+        if dtype.itemsize == 0 or -1 in tensor.dims:
+            return VARIABLE_ARENA_BYTES
+        total += align(rows * element_count(tensor.dims) * dtype.itemsize)
+    return max(total, MIN_ARENA_BYTES)
 
 
 class Scheduler:
@@ -32,22 +52,27 @@ class Scheduler:
         Loading a version that is already loaded replaces it: the new instances
         take over once loaded, and the old ones finish their queue, then unload.
         """
-        devices = place_instances(config.instance_group, key.name)
-        instances = [
-            InlineInstance(f"{key.name}_{key.version}_{i}", config, version_dir, device)
-            for i, device in enumerate(devices)
-        ]
-        executor = ModelExecutor(key, instances)
+        placements = place_instances(config.instance_group, key.name)
+        size = arena_bytes(config)
+        instances: list[Instance] = []
+        executor = ModelExecutor(key, config, instances)
+        for i, (device, inline) in enumerate(placements):
+            name = f"{key.name}_{key.version}_{i}"
+            instances.append(
+                InlineInstance(name, config, version_dir, device)
+                if inline
+                else WorkerInstance(
+                    name, config, version_dir, device, size, on_change=executor.instances_changed
+                )
+            )
         await executor.start()
         old, self._executors[key] = self._executors.get(key), executor
         if old is not None:
             await old.stop()
-        log.info(
-            "%s: %d instance(s) on %s",
-            key,
-            len(devices),
-            ", ".join(sorted({str(d) for d in devices})),
+        kinds = sorted(
+            {("inline" if isinstance(i, InlineInstance) else str(i.device)) for i in instances}
         )
+        log.info("%s: %d instance(s) on %s", key, len(instances), ", ".join(kinds))
 
     async def unload(self, key: ModelKey) -> None:
         """Finishes the version's queued requests, then unloads its instances."""
@@ -69,3 +94,8 @@ class Scheduler:
         """A snapshot of the version's statistics (zeros if it was never loaded)."""
         executor = self._executors.get(key)
         return executor.statistics.snapshot() if executor else ModelStatistics()
+
+    def instances(self, key: ModelKey) -> list[Instance]:
+        """The instances of a loaded version (for diagnostics and tests)."""
+        executor = self._executors.get(key)
+        return list(executor._instances) if executor else []

@@ -132,7 +132,7 @@ def read_model(model_dir: Path) -> ModelSpec:
     filename = config.default_model_filename or backend.default_model_filename
     for version in selected:
         version_dir = model_dir / str(version)
-        model_file = version_dir / filename
+        model_file = version_dir / filename if filename else version_dir  # no file: the folder
         if not model_file.exists():
             spec.versions.append(
                 VersionSpec(version, version_dir, None, f"{model_file}: model file not found")

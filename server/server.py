@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tiffin.protos import SERVICE_NAME, protocol
 from tiffin.scheduler import Scheduler
+from tiffin.scheduler.arena import remove_stale_arenas
 
 from .health import Health
 from .manager import ModelManager
@@ -72,6 +73,7 @@ class Server:
         s = self.settings
         if not s.model_repository.is_dir():
             raise FileNotFoundError(f"model repository {s.model_repository} is not a folder")
+        remove_stale_arenas()
         self._loop_thread.start()
         options = [
             ("grpc.max_send_message_length", s.max_message_bytes),

@@ -26,6 +26,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _python_path() -> str:
+    """tests/ on the path of servers we start, so their workers can import toy_backends."""
+    here = str(Path(__file__).resolve().parent)
+    return os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+
+
+def leaked_arenas() -> list[str]:
+    """Tiffin arenas in /dev/shm whose creating process is gone."""
+    from tiffin.scheduler.arena import _OWNER, SHM_DIR, _alive
+
+    leaked = []
+    for path in SHM_DIR.iterdir() if SHM_DIR.is_dir() else []:
+        match = _OWNER.match(path.name)
+        if match and not _alive(int(match.group(1))):
+            leaked.append(path.name)
+    return leaked
+
+
+@pytest.fixture(autouse=True)
+def no_shared_memory_leaks() -> Iterator[None]:
+    """Fails any test after which an arena outlives the server that created it."""
+    yield
+    leaked = leaked_arenas()
+    for name in leaked:
+        (Path("/dev/shm") / name).unlink(missing_ok=True)
+    assert not leaked, f"shared memory leaked: {leaked}"
+
+
 class ServerProcess:
     """`serverctl serve` in a subprocess; `url` is host:port for clients."""
 

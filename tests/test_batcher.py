@@ -1,0 +1,268 @@
+"""DynamicBatcher on its own: how batches form, priorities, queue policies, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from tiffin.protos.errors import DeadlineExceeded, QueueFull, RequestTimeout
+from tiffin.protos.model_config import ModelConfig
+from tiffin.scheduler import InferenceRequest, ModelKey
+from tiffin.scheduler.batcher import DynamicBatcher
+
+KEY = ModelKey("m", 1)
+
+
+def config(max_batch_size: int = 8, **batching) -> ModelConfig:
+    return ModelConfig.model_validate(
+        {
+            "backend": "onnxruntime",
+            "max_batch_size": max_batch_size,
+            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
+            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
+            **({"dynamic_batching": batching} if batching is not None else {}),
+        }
+    )
+
+
+def request(rows: int = 1, width: int = 2, tag: str = "", **parameters) -> InferenceRequest:
+    return InferenceRequest(
+        KEY,
+        {"INPUT0": np.zeros((rows, width), np.float32)},
+        ["OUTPUT0"],
+        id=tag,
+        parameters=parameters,
+        batch_size=rows,
+    )
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 10))
+
+
+def ids(entries) -> list[str]:
+    return [e.request.id for e in entries]
+
+
+def test_without_dynamic_batching_each_request_is_its_own_batch():
+    async def main():
+        batcher = DynamicBatcher(KEY, ModelConfig.model_validate({"max_batch_size": 8}))
+        for i in range(3):
+            batcher.put(request(tag=str(i)))
+        return [ids(await batcher.next_batch()) for _ in range(3)]
+
+    assert run(main()) == [["0"], ["1"], ["2"]]
+
+
+def test_zero_delay_takes_everything_queued_up_to_max_rows():
+    async def main():
+        batcher = DynamicBatcher(KEY, config(max_batch_size=4))
+        for i in range(6):
+            batcher.put(request(tag=str(i)))
+        return ids(await batcher.next_batch()), ids(await batcher.next_batch())
+
+    assert run(main()) == (["0", "1", "2", "3"], ["4", "5"])
+
+
+def test_delay_waits_for_more_requests_then_cuts():
+    async def main():
+        batcher = DynamicBatcher(
+            KEY, config(max_batch_size=8, max_queue_delay_microseconds=200_000)
+        )
+        batcher.put(request(tag="a"))
+
+        async def later():
+            await asyncio.sleep(0.05)
+            batcher.put(request(tag="b"))
+
+        asyncio.get_running_loop().create_task(later())
+        start = time.monotonic()
+        batch = await batcher.next_batch()
+        return ids(batch), time.monotonic() - start
+
+    batch, waited = run(main())
+    assert batch == ["a", "b"]
+    assert 0.15 <= waited < 1.0  # held until the delay passed, since 2 rows < 8
+
+
+def test_full_batch_goes_without_waiting_for_the_delay():
+    async def main():
+        batcher = DynamicBatcher(
+            KEY, config(max_batch_size=2, max_queue_delay_microseconds=5_000_000)
+        )
+        batcher.put(request(tag="a"))
+        batcher.put(request(tag="b"))
+        start = time.monotonic()
+        return ids(await batcher.next_batch()), time.monotonic() - start
+
+    batch, waited = run(main())
+    assert batch == ["a", "b"] and waited < 0.5
+
+
+def test_preferred_batch_size_is_cut_at_once():
+    async def main():
+        batcher = DynamicBatcher(
+            KEY,
+            config(
+                max_batch_size=8, preferred_batch_size=[2], max_queue_delay_microseconds=5_000_000
+            ),
+        )
+        for tag in "abc":
+            batcher.put(request(tag=tag))
+        start = time.monotonic()
+        return ids(await batcher.next_batch()), time.monotonic() - start
+
+    batch, waited = run(main())
+    assert batch == ["a", "b"] and waited < 0.5
+
+
+def test_multi_row_requests_stay_whole():
+    async def main():
+        batcher = DynamicBatcher(KEY, config(max_batch_size=8))
+        batcher.put(request(rows=5, tag="five"))
+        batcher.put(request(rows=4, tag="four"))  # 9 rows would exceed 8
+        batcher.put(request(rows=3, tag="three"))
+        return ids(await batcher.next_batch()), ids(await batcher.next_batch())
+
+    assert run(main()) == (["five"], ["four", "three"])
+
+
+def test_requests_of_different_shapes_are_not_combined():
+    async def main():
+        batcher = DynamicBatcher(KEY, config(max_batch_size=8))
+        batcher.put(request(width=2, tag="a"))
+        batcher.put(request(width=3, tag="b"))
+        batcher.put(request(width=3, tag="c"))
+        return ids(await batcher.next_batch()), ids(await batcher.next_batch())
+
+    assert run(main()) == (["a"], ["b", "c"])
+
+
+def test_higher_priority_is_served_first():
+    async def main():
+        batcher = DynamicBatcher(
+            KEY, config(max_batch_size=1, priority_levels=3, default_priority_level=2)
+        )
+        batcher.put(request(tag="low", priority=3))
+        batcher.put(request(tag="default"))
+        batcher.put(request(tag="high", priority=1))
+        batcher.put(request(tag="unknown level -> default", priority=9))
+        return [ids(await batcher.next_batch())[0] for _ in range(4)]
+
+    assert run(main()) == ["high", "default", "unknown level -> default", "low"]
+
+
+def test_queue_full_is_refused_at_once():
+    async def main():
+        batcher = DynamicBatcher(KEY, config(default_queue_policy={"max_queue_size": 2}))
+        batcher.put(request())
+        batcher.put(request())
+        with pytest.raises(QueueFull) as info:
+            batcher.put(request())
+        return info.value
+
+    error = run(main())
+    assert error.code.name == "RESOURCE_EXHAUSTED" and "maximum queue size" in error.message
+
+
+def test_queue_policy_per_priority_level():
+    async def main():
+        batcher = DynamicBatcher(
+            KEY,
+            config(
+                priority_levels=2,
+                default_priority_level=2,
+                priority_queue_policy={1: {"max_queue_size": 1}},
+            ),
+        )
+        batcher.put(request(priority=1))
+        with pytest.raises(QueueFull):
+            batcher.put(request(priority=1))
+        for _ in range(5):  # level 2 has no limit
+            batcher.put(request(priority=2))
+        return batcher.queued()
+
+    assert run(main()) == 6
+
+
+def test_timeout_reject_fails_the_waiting_request():
+    async def main():
+        batcher = DynamicBatcher(
+            KEY,
+            config(
+                default_queue_policy={
+                    "default_timeout_microseconds": 50_000,
+                    "timeout_action": "REJECT",
+                }
+            ),
+        )
+        future = batcher.put(request())
+        with pytest.raises(RequestTimeout) as info:
+            await future
+        return info.value, batcher.queued()
+
+    error, queued = run(main())
+    assert error.code.name == "UNAVAILABLE" and "Request timeout expired" in error.message
+    assert queued == 0
+
+
+def test_request_timeout_overrides_only_when_allowed():
+    async def main(allow: bool):
+        batcher = DynamicBatcher(
+            KEY, config(default_queue_policy={"allow_timeout_override": allow})
+        )
+        future = batcher.put(request(timeout=30_000))
+        await asyncio.sleep(0.2)
+        return future.done()
+
+    assert run(main(True)) is True
+    assert run(main(False)) is False
+
+
+def test_timeout_delay_moves_the_request_behind_the_others():
+    async def main():
+        batcher = DynamicBatcher(
+            KEY,
+            config(
+                max_batch_size=1,
+                default_queue_policy={
+                    "default_timeout_microseconds": 30_000,
+                    "timeout_action": "DELAY",
+                },
+            ),
+        )
+        batcher.put(request(tag="old"))
+        await asyncio.sleep(0.1)  # "old" has expired: it is delayed, not rejected
+        batcher.put(request(tag="new"))
+        return [ids(await batcher.next_batch())[0] for _ in range(2)]
+
+    assert run(main()) == ["new", "old"]
+
+
+def test_deadline_passed_in_the_queue_is_dropped_never_dispatched():
+    async def main():
+        batcher = DynamicBatcher(KEY, config(max_batch_size=1))
+        late = request(tag="late")
+        late.deadline = time.monotonic() + 0.05
+        future = batcher.put(late)
+        batcher.put(request(tag="on time"))
+        with pytest.raises(DeadlineExceeded):
+            await future
+        return ids(await batcher.next_batch())
+
+    assert run(main()) == ["on time"]
+
+
+def test_cancelled_request_leaves_the_queue():
+    async def main():
+        batcher = DynamicBatcher(KEY, config(max_batch_size=4))
+        future = batcher.put(request(tag="gone"))
+        batcher.put(request(tag="stays"))
+        future.cancel()
+        await asyncio.sleep(0)
+        return batcher.queued(), ids(await batcher.next_batch())
+
+    assert run(main()) == (1, ["stays"])

@@ -1,0 +1,72 @@
+"""Toy backends for tests, named in config.yaml by import path (`toy_backends:Echo`).
+
+They run in real worker processes, which import this module: tests put tests/ on
+PYTHONPATH for the servers they start.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tiffin.backends import Backend, Device
+from tiffin.protos.model_config import ModelConfig
+
+
+class _Toy(Backend):
+    def load(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
+        self.config = config
+        self.device = device
+
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        return {"OUTPUT0": inputs["INPUT0"].copy()}
+
+
+class Echo(_Toy):
+    """OUTPUT0 = INPUT0."""
+
+
+class Env(_Toy):
+    """OUTPUT0 = INPUT0; ENV = [CUDA_VISIBLE_DEVICES, device the backend was given, pid]."""
+
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        rows = inputs["INPUT0"].shape[0]
+        facts = [
+            os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"),
+            str(self.device),
+            str(os.getpid()),
+        ]
+        return {
+            "OUTPUT0": inputs["INPUT0"].copy(),
+            "ENV": np.array([[f.encode() for f in facts]] * rows, dtype=np.object_),
+        }
+
+
+class Slow(_Toy):
+    """OUTPUT0 = INPUT0 after sleeping INPUT0[0, 0] seconds (once per batch)."""
+
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        time.sleep(float(inputs["INPUT0"].reshape(-1)[0]))
+        return super().infer(inputs, outputs)
+
+
+class Fail(_Toy):
+    """Raises when any element of INPUT0 is negative; otherwise OUTPUT0 = INPUT0."""
+
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        if (inputs["INPUT0"] < 0).any():
+            raise ValueError("negative input is not allowed")
+        return super().infer(inputs, outputs)
+
+
+class Crash(_Toy):
+    """Kills its own process when INPUT0 holds 666; otherwise OUTPUT0 = INPUT0."""
+
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        if (inputs["INPUT0"] == 666).any():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().infer(inputs, outputs)
