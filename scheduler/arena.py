@@ -76,7 +76,7 @@ class Arena:
 
 def remove_stale_arenas() -> list[str]:
     """Unlinks arenas whose creating process is gone (a server killed with SIGKILL)."""
-    removed = []
+    removed: list[str] = []
     if not SHM_DIR.is_dir():
         return removed
     for path in SHM_DIR.iterdir():
