@@ -88,21 +88,32 @@ class ModelExecutor:
                 self._running -= 1
 
     async def _execute(self, instance: Instance, entries: list[Entry]) -> None:
+        started = time.monotonic_ns()
+        for entry in entries:
+            self.statistics.record_queue(started - entry.request.arrival_ns)
+        await self._run(instance, entries)
+
+    async def _run(self, instance: Instance, entries: list[Entry]) -> None:
         stats = self.statistics
         requests = [e.request for e in entries]
-        started = time.monotonic_ns()
-        for request in requests:
-            stats.record_queue(started - request.arrival_ns)
         wanted = {name for r in requests for name in r.outputs}
         outputs = [name for name in self._output_order if name in wanted]
         try:
             execution = await instance.execute(requests, outputs)
+        except BackendError as exc:
+            if len(entries) > 1:
+                # One bad request must not fail those it was batched with: run each alone,
+                # so that only the request(s) the backend rejects fail.
+                for entry in entries:
+                    await self._run(instance, [entry])
+                return
+            error = BackendError(
+                f"model '{self.key.name}' version {self.key.version} failed: {exc.message}"
+            )
+            log.warning("%s", error.message)
+            self._fail(entries, error)
+            return
         except TiffinError as exc:
-            if isinstance(exc, BackendError):
-                exc = BackendError(
-                    f"model '{self.key.name}' version {self.key.version} failed: {exc.message}"
-                )
-                log.warning("%s", exc.message)
             self._fail(entries, exc)
             return
         output_start = time.perf_counter_ns()

@@ -76,7 +76,7 @@ class ServerProcess:
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, "PYTHONPATH": _python_path(), **(env or {})},
         )
         self.wait_serving()
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,27 +16,27 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from conftest import EXAMPLES, ServerProcess
-from models import slow_matmul, write_model
 
 SLOW_CONFIG = """
-backend: onnxruntime
-max_batch_size: 512
-parameters:
-  intra_op_thread_count: 1
+backend: toy_backends:Slow
+max_batch_size: 8
+inputs: [{name: INPUT0, datatype: FP32, dims: [1]}]
+outputs: [{name: OUTPUT0, datatype: FP32, dims: [1]}]
 """
 
 
-def slow_input(batch: int = 512) -> tc.InferInput:
-    tensor = tc.InferInput("INPUT0", [batch, 1024], "FP32")
-    tensor.set_data_from_numpy(np.ones((batch, 1024), np.float32))
+def slow_input(seconds: float = 1.5) -> tc.InferInput:
+    """A request that the Slow toy backend takes `seconds` to answer."""
+    tensor = tc.InferInput("INPUT0", [1, 1], "FP32")
+    tensor.set_data_from_numpy(np.full((1, 1), seconds, np.float32))
     return tensor
 
 
 @pytest.fixture
 def slow_repo(tmp_path: Path) -> Path:
-    repo = tmp_path / "models"
-    write_model(repo, "slow", SLOW_CONFIG, {1: partial(slow_matmul, size=1024, repeats=60)})
-    return repo
+    (tmp_path / "models" / "slow" / "1").mkdir(parents=True)
+    (tmp_path / "models" / "slow" / "config.yaml").write_text(SLOW_CONFIG)
+    return tmp_path / "models"
 
 
 def test_sigterm_finishes_in_flight_requests(slow_repo):
@@ -53,12 +52,12 @@ def test_sigterm_finishes_in_flight_requests(slow_repo):
 
     worker = threading.Thread(target=call)
     worker.start()
-    time.sleep(0.2)  # the request (about a second of compute) is now running
+    time.sleep(0.5)  # the request (1.5 s in the backend) is now running
     server.proc.send_signal(signal.SIGTERM)
     worker.join(60)
     assert server.proc.wait(60) == 0, server.log()
     assert "error" not in outcome, outcome.get("error")
-    assert outcome["result"].as_numpy("OUTPUT0").shape == (512, 1024)
+    assert outcome["result"].as_numpy("OUTPUT0").tolist() == [[1.5]]
     assert "shutting down" in server.log()
 
 
@@ -69,11 +68,11 @@ def test_requests_after_shutdown_began_are_refused(slow_repo):
         target=lambda: client.infer("slow", [slow_input()], client_timeout=60)
     )
     worker.start()
-    time.sleep(0.2)
+    time.sleep(0.5)
     server.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
+    time.sleep(0.3)
     with pytest.raises(InferenceServerException) as info:
-        tc.InferenceServerClient(server.url).infer("slow", [slow_input(1)], client_timeout=10)
+        tc.InferenceServerClient(server.url).infer("slow", [slow_input(0)], client_timeout=10)
     assert info.value.status() == "StatusCode.UNAVAILABLE"
     worker.join(60)
     assert server.proc.wait(60) == 0
