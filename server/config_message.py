@@ -46,7 +46,10 @@ def config_message(config: ModelConfig) -> Any:
         msg.version_policy.latest.num_versions = policy.latest.num_versions if policy.latest else 1
     for group in config.instance_group:
         msg.instance_group.add(
-            name=group.name, count=group.count, gpus=group.gpus, kind=f"KIND_{group.kind.upper()}"
+            name=group.name,
+            count=group.count,
+            gpus=group.gpus,
+            kind="KIND_CPU" if group.kind == "inline" else f"KIND_{group.kind.upper()}",
         )
     batching = config.dynamic_batching
     if batching is not None:

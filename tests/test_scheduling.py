@@ -235,6 +235,8 @@ def test_worker_environment_and_inline_instances(make_server, tmp_path, kind):
     client = tc.InferenceServerClient(server.url)
     visible, device, pid = client.infer("env", [value_input(1.0)]).as_numpy("ENV")[0]
     assert device == b"cpu"
+    group = client.get_model_config("env").config.instance_group[0]
+    assert group.kind == tc.model_config_pb2.ModelInstanceGroup.KIND_CPU  # Triton has no inline
     if kind == "cpu":
         assert visible == b"" and int(pid) != server.proc.pid  # its own process, no GPUs
     else:
