@@ -10,6 +10,8 @@ import sys
 VERBS = {
     "models": "models",
     "limit": "limit",
+    "echo": "echo",
+    "load": "load",
 }
 
 
