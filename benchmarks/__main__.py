@@ -8,6 +8,8 @@ import sys
 
 # verb -> module; modules are imported only when their verb runs.
 VERBS = {
+    "run": "runner",
+    "compare": "compare",
     "models": "models",
     "limit": "limit",
     "echo": "echo",

@@ -1,0 +1,337 @@
+"""What a run writes: run.json (everything), results.md (the tables), results.png (the plot).
+
+Every Tiffin figure stands beside the limit (best in-process items/s of the model) and the
+*ideal*, 1 / (1/limit + 1/echo), where echo is the better of the two echo servers measured with
+the same client, mode and concurrency: a server that added nothing to the model's compute and
+the minimal transport would reach it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# BENCHMARKS.md's bar for Tiffin, with the server on one core.
+BAR_RATIO_IDEAL = 0.9  # at the highest concurrency, unary and streaming
+BAR_P50_SLACK_MS = 0.3  # concurrency 1: p50 within this of batch-1 limit + echo p50
+
+
+def _finite(value: Any) -> Any:
+    """The value with NaN and infinities made None, so that the JSON is strict."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _same_point(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("model", "mode", "client", "concurrency"))
+
+
+def derive(limits: dict, results: list[dict]) -> list[dict]:
+    """Ratios of every closed-loop Tiffin figure to the limit and to the ideal."""
+    echoes = [r for r in results if r["target"].startswith("echo-") and r.get("throughput")]
+    derived = []
+    for r in results:
+        if r["target"] != "tiffin" or "concurrency" not in r or r.get("throughput") is None:
+            continue
+        model_limit = limits.get(r["model"], {})
+        limit = model_limit.get("best_items_per_s")
+        matching = [e for e in echoes if _same_point(e, r)]
+        best = max(matching, key=lambda e: e["throughput"], default=None)
+        echo = best["throughput"] if best else None
+        ideal = 1 / (1 / limit + 1 / echo) if limit and echo else None
+        entry: dict[str, Any] = {
+            "model": r["model"],
+            "mode": r["mode"],
+            "client": r["client"],
+            "concurrency": r["concurrency"],
+            "throughput": r["throughput"],
+            "limit": limit,
+            "echo": echo,
+            "echo_target": best["target"] if best else None,
+            "ideal": ideal,
+            "ratio_limit": r["throughput"] / limit if limit else None,
+            "ratio_ideal": r["throughput"] / ideal if ideal else None,
+        }
+        p50 = (r.get("latency_ms") or {}).get("p50")
+        echo_p50s: list[float] = [
+            e["latency_ms"]["p50"] for e in matching if (e.get("latency_ms") or {}).get("p50")
+        ]
+        batch1 = model_limit.get("batch1_p50_ms")
+        if r["concurrency"] == 1 and p50 is not None and echo_p50s and batch1 is not None:
+            floor = batch1 + min(echo_p50s)
+            entry["p50_floor_ms"] = floor
+            entry["p50_excess_ms"] = p50 - floor
+        derived.append(entry)
+    return derived
+
+
+# ---- markdown ----------------------------------------------------------------------------
+
+
+def _n(value: Any, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def _lat(result: dict, key: str) -> str:
+    return _n((result.get("latency_ms") or {}).get(key), 3)
+
+
+def _errors(result: dict) -> str:
+    if "error" in result:
+        return "failed"
+    errors = result.get("errors") or {}
+    return ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "0"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _header(run: dict) -> list[str]:
+    env, settings = run["environment"], run["settings"]
+    packages = env.get("packages", {})
+    commit = (env.get("tiffin_commit") or "unknown")[:10]
+    dirty = " + uncommitted changes" if env.get("tiffin_dirty") else ""
+    load = run.get("load_average", {})
+    before, after = load.get("before") or ["?"], load.get("after") or ["?"]
+    lines = [
+        f"# Tiffin benchmark, {run.get('started', '')}",
+        "",
+        f"- tiffin `{commit}`{dirty} · Python {env.get('python')} · grpcio "
+        f"{packages.get('grpcio')} · onnxruntime {packages.get('onnxruntime')} · protobuf "
+        f"{packages.get('protobuf')}"
+        + (f" · {env['perf_analyzer']}" if "perf_analyzer" in env else ""),
+        f"- pinning: servers and limit on cpu {run['pinning']['server_cpus']}, load on cpu "
+        f"{run['pinning']['client_cpus']} · {env.get('cpu_model')}, {env.get('cpu_count')} cpus"
+        f" · load average (1, 5, 15 min) {before} before, {after} after",
+        f"- each point: {settings['warmup_s']:g} s warm-up, {settings['duration_s']:g} s "
+        f"measured, batch-1 requests; streaming carries the load on {settings['streams']} "
+        f"streams (perf_analyzer: one per concurrency slot); model instances: "
+        f"{settings['instance_kind']} × {settings['instance_count']}, max_queue_delay "
+        f"{settings['max_queue_delay_us']} µs",
+        "- limit: best in-process items/s (Tiffin's onnxruntime backend, 1 intra-op thread, "
+        "server cpu); echo: the better echo server for the same client, mode and concurrency; "
+        "ideal = 1 / (1/limit + 1/echo)",
+        "",
+    ]
+    return lines
+
+
+def _tiffin_tables(run: dict) -> list[str]:
+    lines: list[str] = []
+    derived = run.get("derived", [])
+    tiffin = [r for r in run["results"] if r["target"] == "tiffin" and "concurrency" in r]
+    for client in dict.fromkeys(r["client"] for r in tiffin):
+        lines += [f"## Tiffin, {client} client", ""]
+        rows = []
+        for r in (r for r in tiffin if r["client"] == client):
+            d: dict = next((d for d in derived if _same_point(d, r)), {})
+            rows.append(
+                [
+                    r["model"],
+                    r["mode"],
+                    str(r["concurrency"]),
+                    _n(r.get("throughput")),
+                    _lat(r, "p50"),
+                    _lat(r, "p90"),
+                    _lat(r, "p99"),
+                    _errors(r) if "skipped" not in r else "skipped",
+                    _n(d.get("limit")),
+                    _n(d.get("echo")),
+                    _n(d.get("ideal")),
+                    _n(d.get("ratio_limit"), 2),
+                    _n(d.get("ratio_ideal"), 2),
+                ]
+            )
+        lines += _table(
+            [
+                "model",
+                "mode",
+                "conc",
+                "req/s",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "errors",
+                "limit items/s",
+                "echo req/s",
+                "ideal req/s",
+                "÷ limit",
+                "÷ ideal",
+            ],
+            rows,
+        )
+        failed = [r for r in tiffin if r["client"] == client and "error" in r]
+        lines += [f"- {r['model']} {r['mode']} c={r['concurrency']}: {r['error']}" for r in failed]
+        if failed:
+            lines.append("")
+    return lines
+
+
+def _echo_table(run: dict) -> list[str]:
+    echoes = [r for r in run["results"] if r["target"].startswith("echo-")]
+    if not echoes:
+        return []
+    keys = dict.fromkeys(
+        (r["model"], r["mode"], r["client"], r["concurrency"]) for r in echoes if "concurrency" in r
+    )
+    rows = []
+    for model, mode, client, c in keys:
+        row = [model, mode, client, str(c)]
+        for target in ("echo-sync", "echo-aio"):
+            r = next(
+                (
+                    r
+                    for r in echoes
+                    if r["target"] == target
+                    and (r["model"], r["mode"], r["client"], r.get("concurrency"))
+                    == (model, mode, client, c)
+                ),
+                None,
+            )
+            if r is None or "skipped" in r:
+                row += ["–", "–"]
+            else:
+                row += [_n(r.get("throughput")), f"{_lat(r, 'p50')} / {_lat(r, 'p99')}"]
+        rows.append(row)
+    return ["## Transport ceiling: echo servers, no model", ""] + _table(
+        [
+            "model",
+            "mode",
+            "client",
+            "conc",
+            "sync req/s",
+            "sync p50 / p99 ms",
+            "aio req/s",
+            "aio p50 / p99 ms",
+        ],
+        rows,
+    )
+
+
+def _limit_table(run: dict) -> list[str]:
+    rows = []
+    for model, limit in run.get("limit", {}).items():
+        for b in limit["batches"]:
+            best = b["batch"] == limit["best_batch"]
+            figure = _n(b["items_per_s"])
+            rows.append(
+                [
+                    model,
+                    str(b["batch"]),
+                    f"**{figure}**" if best else figure,
+                    _n(b["latency_ms"]["p50"], 3),
+                    _n(b["latency_ms"]["p99"], 3),
+                ]
+            )
+    if not rows:
+        return []
+    return [f"## The limit: in-process, cpu {run['pinning']['server_cpus']}", ""] + _table(
+        ["model", "batch", "items/s", "p50 ms", "p99 ms"], rows
+    )
+
+
+def _open_loop_table(run: dict) -> list[str]:
+    points = [r for r in run["results"] if "rate" in r]
+    if not points:
+        return []
+    rows = [
+        [
+            r["target"],
+            r["model"],
+            r["mode"],
+            r["client"],
+            _n(r["rate"]),
+            _n(r.get("offered_rate")),
+            _n(r.get("throughput")),
+            _lat(r, "p50"),
+            _lat(r, "p99"),
+            _errors(r),
+        ]
+        for r in points
+    ]
+    return ["## Open loop (Poisson arrivals)", ""] + _table(
+        [
+            "target",
+            "model",
+            "mode",
+            "client",
+            "rate/s",
+            "offered/s",
+            "achieved/s",
+            "p50 ms",
+            "p99 ms",
+            "errors",
+        ],
+        rows,
+    )
+
+
+def _bar(run: dict) -> list[str]:
+    derived = [d for d in run.get("derived", []) if d["client"] != "tritonclient"]
+    if not derived:
+        return []
+    top = max(d["concurrency"] for d in derived)
+    lines = ["## Against the bar (BENCHMARKS.md)", ""]
+    for d in derived:
+        where = f"{d['model']} {d['mode']} ({d['client']})"
+        if d["concurrency"] == top and d.get("ratio_ideal") is not None:
+            ok = "meets" if d["ratio_ideal"] >= BAR_RATIO_IDEAL else "below"
+            lines.append(
+                f"- {where} c={top}: {d['ratio_ideal']:.2f} of ideal ({ok} {BAR_RATIO_IDEAL})"
+            )
+        if d["concurrency"] == 1 and d.get("p50_excess_ms") is not None:
+            ok = "meets" if d["p50_excess_ms"] <= BAR_P50_SLACK_MS else "above"
+            lines.append(
+                f"- {where} c=1: p50 {d['p50_excess_ms']:+.3f} ms over batch-1 limit + "
+                f"echo ({d['p50_floor_ms']:.3f} ms; {ok} the {BAR_P50_SLACK_MS} ms slack)"
+            )
+    return lines + [""]
+
+
+def markdown(run: dict) -> str:
+    lines = _header(run) + _tiffin_tables(run) + _echo_table(run) + _limit_table(run)
+    lines += _open_loop_table(run) + _bar(run)
+    skipped = [r for r in run["results"] if "skipped" in r]
+    notes = list(run.get("notes", []))
+    if skipped:
+        notes.append(
+            f"{len(skipped)} point(s) skipped: "
+            + "; ".join(dict.fromkeys(r["skipped"] for r in skipped))
+        )
+    failed = [r for r in run["results"] if "error" in r and r["target"] != "tiffin"]
+    notes += [
+        f"{r['target']} {r['model']} {r['mode']} {r['client']} "
+        f"c={r.get('concurrency')}: {r['error']}"
+        for r in failed
+    ]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+# ---- files -------------------------------------------------------------------------------
+
+
+def write_all(run: dict, out: Path) -> dict[str, Path]:
+    """Writes run.json, results.md and results.png into `out`; returns their paths."""
+    from .plot import plot
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "run.json", "markdown": out / "results.md", "plot": out / "results.png"}
+    run = _finite(run)
+    paths["json"].write_text(json.dumps(run, indent=1, allow_nan=False) + "\n")
+    paths["markdown"].write_text(markdown(run))
+    plot(run, paths["plot"])
+    return paths

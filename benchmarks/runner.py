@@ -1,0 +1,480 @@
+"""`python -m benchmarks run`: the whole benchmark, pinned, in one command.
+
+  1. writes the model repository (config.yaml from the flags);
+  2. starts `serverctl serve` pinned to the server cpus, waits on the gRPC health check, drives
+     every model x mode x client x concurrency (each load warms up, then measures), runs
+     perf_analyzer against it when available, and stops it with SIGTERM;
+  3. measures the in-process limit on the same cpus;
+  4. starts each echo server on the same cpus and drives it with the same load;
+  5. writes run.json, results.md and results.png into --out, and prints the table.
+
+Loads run as `python -m benchmarks load` subprocesses pinned to the client cpus, so that each
+starts clean and a crash costs one point, not the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import environment, perf_analyzer, report, servers
+from .clients import CLIENTS
+from .limit import parse_cpus
+from .load import DEFAULT_STREAMS, MODES, format_result
+from .models import (
+    DEFAULT_REPOSITORY,
+    add_repository_arguments,
+    parse_names,
+    repository_options,
+    write_repository,
+)
+
+HELP = "Run Tiffin, the echo ceilings and the in-process limit, pinned; write JSON, table, plot."
+
+TARGETS = ("tiffin", "echo-sync", "echo-aio")
+ALL_CLIENTS = (*CLIENTS, "perf_analyzer")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    values = _list(text)
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise SystemExit(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated benchmark models")
+    parser.add_argument("--concurrency", default="1,8,32,64", help="closed-loop client counts")
+    parser.add_argument("--rates", default="", help="open-loop arrival rates per second, if any")
+    parser.add_argument("--modes", default="unary,streaming", help="unary and/or streaming")
+    parser.add_argument(
+        "--clients", default="lean,perf_analyzer", help=f"any of {', '.join(ALL_CLIENTS)}"
+    )
+    parser.add_argument("--targets", default=",".join(TARGETS), help="servers to measure")
+    parser.add_argument("--server-cpus", default="1", help="taskset list for the servers")
+    parser.add_argument("--client-cpus", default="0", help="taskset list for the load")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per point")
+    parser.add_argument("--limit-seconds", type=float, default=1.0, help="per batch size")
+    parser.add_argument(
+        "--streams", type=int, default=DEFAULT_STREAMS, help="streams carrying streaming load"
+    )
+    parser.add_argument(
+        "--procs", type=int, default=None, help="load processes (default: one per client cpu)"
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
+    parser.add_argument("--grpc-threads", type=int, default=None, help="serverctl --grpc-threads")
+    parser.add_argument(
+        "--pa-interval-ms",
+        type=int,
+        default=None,
+        help="perf_analyzer measurement window (default: a third of --duration, at least 1000)",
+    )
+    parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/TIME")
+    add_repository_arguments(parser)
+
+
+@dataclass
+class Plan:
+    """What one run measures, from the command line."""
+
+    models: list[str]
+    concurrency: list[int]
+    rates: list[float]
+    modes: list[str]
+    clients: list[str]
+    targets: list[str]
+    server_cpus: str
+    client_cpus: str
+    procs: int
+    args: argparse.Namespace
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> Plan:
+        client_cpus = parse_cpus(args.client_cpus)
+        parse_cpus(args.server_cpus)
+        return cls(
+            models=parse_names(args.models),
+            concurrency=[int(c) for c in _list(args.concurrency)],
+            rates=[float(r) for r in _list(args.rates)],
+            modes=_choices(args.modes, MODES, "modes"),
+            clients=_choices(args.clients, ALL_CLIENTS, "clients"),
+            targets=_choices(args.targets, TARGETS, "targets"),
+            server_cpus=args.server_cpus,
+            client_cpus=args.client_cpus,
+            procs=args.procs or len(client_cpus),
+            args=args,
+        )
+
+    def python_clients(self) -> list[str]:
+        return [c for c in self.clients if c in CLIENTS]
+
+    def loads(self, target: str) -> Iterator[dict]:
+        """Every load point for one server: closed loop, then open loop (Tiffin only)."""
+        for model in self.models:
+            for mode in self.modes:
+                for client in self.python_clients():
+                    for c in self.concurrency:
+                        yield {"model": model, "mode": mode, "client": client, "concurrency": c}
+                    if target == "tiffin":
+                        for rate in self.rates:
+                            yield {"model": model, "mode": mode, "client": client, "rate": rate}
+
+    def pa_points(self, target: str) -> Iterator[dict]:
+        modes = [m for m in perf_analyzer.PA_MODES if m != "streaming" or "streaming" in self.modes]
+        modes = [m for m in modes if m == "streaming" or "unary" in self.modes]
+        for model in self.models:
+            for mode in modes:
+                for c in self.concurrency:
+                    yield {
+                        "model": model,
+                        "mode": mode,
+                        "client": "perf_analyzer",
+                        "concurrency": c,
+                    }
+
+
+class Display:
+    """A rich progress bar on a terminal, plain lines otherwise (CI logs, pipes)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+        self._progress: Any = None
+        if sys.stderr.isatty():
+            try:
+                from rich.console import Console
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeElapsedColumn,
+                )
+            except ImportError:
+                return
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+            )
+            self._task = self._progress.add_task("starting", total=total)
+
+    def __enter__(self) -> Display:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def start(self, what: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=what)
+
+    def finish(self, line: str) -> None:
+        self.done += 1
+        text = f"[{self.done}/{self.total}] {line}"
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1)
+            self._progress.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def note(self, line: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+def _label(target: str, point: dict) -> str:
+    where = f"c={point['concurrency']}" if "concurrency" in point else f"rate={point['rate']:g}/s"
+    return f"{target} {point['model']} {point['mode']} {point['client']} {where}"
+
+
+def _run_load(plan: Plan, url: str, point: dict) -> dict:
+    args = plan.args
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "load",
+        "--json",
+        "--url",
+        url,
+        "--model",
+        point["model"],
+        "--mode",
+        point["mode"],
+        "--client",
+        point["client"],
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+        "--streams",
+        str(args.streams),
+        "--timeout",
+        str(args.timeout),
+        "--procs",
+        str(plan.procs),
+    ]
+    if "concurrency" in point:
+        command += ["--concurrency", str(point["concurrency"])]
+    else:
+        command += ["--rate", str(point["rate"])]
+    limit = args.warmup + args.duration + 2 * args.timeout + 60
+    try:
+        done = subprocess.run(
+            servers.pinned(command, plan.client_cpus),
+            capture_output=True,
+            text=True,
+            timeout=limit,
+            cwd=servers.REPO_ROOT,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"the load generator ran past {limit:.0f} s"}
+    if done.returncode != 0:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        return {"error": f"load generator exit {done.returncode}: {tail[:400]}"}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result.pop("spec", None)
+    return result
+
+
+def _measure_server(
+    plan: Plan,
+    target: str,
+    url: str,
+    pa: perf_analyzer.PerfAnalyzer | None,
+    display: Display,
+    results: list[dict],
+) -> None:
+    for point in plan.loads(target):
+        display.start(_label(target, point))
+        result = {"target": target, **point, **_run_load(plan, url, point)}
+        results.append(result)
+        shown = result["error"] if "error" in result else format_result(result)
+        display.finish(f"{_label(target, point)}: {shown}")
+    if pa is None:
+        return
+    args = plan.args
+    interval = args.pa_interval_ms or max(1000, int(args.duration * 1000 / 3))
+    for point in plan.pa_points(target):
+        label = _label(target, point) + f" ({point['mode']})"
+        if target == "echo-sync" and point["mode"] == "streaming" and point["concurrency"] > 4:
+            note = (
+                "skipped: perf_analyzer opens one stream per concurrency slot and the sync "
+                "echo server's 4 threads serve 4 streams at a time"
+            )
+            results.append({"target": target, **point, "skipped": note})
+            display.finish(f"{label}: {note}")
+            continue
+        display.start(label)
+        figures = perf_analyzer.run(
+            pa,
+            url,
+            point["model"],
+            point["mode"],
+            point["concurrency"],
+            interval,
+            timeout=interval / 1000 * 8 + 60,
+            cpus=plan.client_cpus,
+        )
+        result = {"target": target, **point, **figures}
+        results.append(result)
+        if "throughput" in result:
+            lat = result.get("latency_ms") or {}
+            shown = (
+                f"{result['throughput']:8.0f} infer/s  p50 {lat.get('p50', math.nan):.3f}  "
+                f"p99 {lat.get('p99', math.nan):.3f} ms"
+            )
+        else:
+            shown = ""
+        if "error" in result:
+            shown += f"  ({result['error']})"
+        display.finish(f"{label}: {shown}")
+
+
+@contextmanager
+def _serving(
+    start: Callable[[], servers.ServerProcess], name: str, notes: list[str], stops: dict
+) -> Iterator[servers.ServerProcess | None]:
+    """Starts a server; yields None (and notes why) if it does not start; stops it after."""
+    try:
+        server = start()
+    except (RuntimeError, TimeoutError) as exc:
+        notes.append(f"{name} did not start: {str(exc)[:600]}")
+        yield None
+        return
+    try:
+        yield server
+    finally:
+        stops[name] = server.stop()
+        if stops[name] != 0:
+            notes.append(
+                f"{name} exited with status {stops[name]} at SIGTERM: {server.log_tail(5)}"
+            )
+
+
+def _measure_limit(plan: Plan, repository: Path) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "limit",
+        "--json",
+        "--models",
+        ",".join(plan.models),
+        "--model-repository",
+        str(repository),
+        "--cpus",
+        plan.server_cpus,
+        "--seconds",
+        str(plan.args.limit_seconds),
+    ]
+    done = subprocess.run(
+        servers.pinned(command, plan.server_cpus),
+        capture_output=True,
+        text=True,
+        cwd=servers.REPO_ROOT,
+        timeout=600,
+    )
+    if done.returncode != 0:
+        plan.notes.append(f"the limit measurement failed: {done.stderr.strip()[-600:]}")
+        return {}
+    return dict(json.loads(done.stdout.strip().splitlines()[-1])["models"])
+
+
+def _steps(plan: Plan, pa: bool) -> int:
+    count = 0
+    for target in plan.targets:
+        count += sum(1 for _ in plan.loads(target))
+        if pa:
+            count += sum(1 for _ in plan.pa_points(target))
+    return count + 1  # the limit
+
+
+def main(args: argparse.Namespace) -> int:
+    plan = Plan.from_arguments(args)
+    os.sched_setaffinity(0, parse_cpus(plan.client_cpus))
+    out: Path = args.out or RESULTS_DIR / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    run: dict[str, Any] = {
+        "schema": 1,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": ["python", "-m", "benchmarks", *sys.argv[1:]],
+        "environment": environment.describe(),
+        "pinning": {
+            "server_cpus": plan.server_cpus,
+            "client_cpus": plan.client_cpus,
+            "how": "taskset -c; the limit also os.sched_setaffinity",
+        },
+        "load_average": {"before": environment.load_average()},
+        "settings": {
+            "models": plan.models,
+            "concurrency": plan.concurrency,
+            "rates": plan.rates,
+            "modes": plan.modes,
+            "clients": plan.clients,
+            "targets": plan.targets,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "limit_seconds_per_batch": args.limit_seconds,
+            "streams": args.streams,
+            "load_processes": plan.procs,
+            "request_timeout_s": args.timeout,
+            "grpc_threads": args.grpc_threads,
+            "instance_kind": args.instance_kind,
+            "instance_count": args.instance_count,
+            "max_queue_delay_us": args.max_queue_delay_us,
+        },
+    }
+    pa = None
+    if "perf_analyzer" in plan.clients:
+        pa, why = perf_analyzer.find()
+        if pa is None:
+            plan.notes.append(f"perf_analyzer skipped: {why}")
+        else:
+            run["environment"]["perf_analyzer"] = pa.version
+    repository = write_repository(args.model_repository, plan.models, repository_options(args))
+    results: list[dict] = []
+    limits: dict = {}
+    stops: dict[str, int] = {}
+    display = Display(_steps(plan, pa is not None))
+    try:
+        with display:
+            if pa is None and "perf_analyzer" in plan.clients:
+                display.note(plan.notes[-1])
+            if "tiffin" in plan.targets:
+                start = functools.partial(
+                    servers.start_tiffin,
+                    repository,
+                    plan.server_cpus,
+                    out / "server.log",
+                    plan.models,
+                    args.grpc_threads,
+                )
+                display.start("starting serverctl serve")
+                with _serving(start, "tiffin", plan.notes, stops) as server:
+                    if server is not None:
+                        _measure_server(plan, "tiffin", server.url, pa, display, results)
+            display.start("in-process limit")
+            limits = _measure_limit(plan, repository)
+            display.finish(
+                "limit: "
+                + ", ".join(
+                    f"{m} {v['best_items_per_s']:.0f} items/s (batch {v['best_batch']})"
+                    for m, v in limits.items()
+                )
+            )
+            for target in plan.targets:
+                if not target.startswith("echo-"):
+                    continue
+                with _serving(
+                    functools.partial(
+                        servers.start_echo,
+                        target.removeprefix("echo-"),
+                        plan.server_cpus,
+                        out / f"{target}.log",
+                    ),
+                    target,
+                    plan.notes,
+                    stops,
+                ) as server:
+                    if server is not None:
+                        _measure_server(plan, target, server.url, pa, display, results)
+    finally:
+        run["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+        run["load_average"]["after"] = environment.load_average()
+        run["server_exit_status"] = stops
+        run["limit"] = limits
+        run["results"] = results
+        run["derived"] = report.derive(limits, results)
+        run["notes"] = plan.notes
+        paths = report.write_all(run, out)
+        print(paths["markdown"].read_text())
+        print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0

@@ -1,0 +1,176 @@
+"""Servers under test, as pinned subprocesses: `serverctl serve` and the echo servers.
+
+Each is started with `taskset -c CPUS`, waited on (the gRPC health check for Tiffin, a
+`READY <port>` line for the echo servers), and stopped with SIGTERM; its output goes to a log
+file in the run's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(command: list[str], cpus: str | None) -> list[str]:
+    """`command` under `taskset -c cpus` (unchanged when cpus is None)."""
+    if cpus is None:
+        return command
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise SystemExit("taskset not found (util-linux); it pins the server and the client")
+    return [taskset, "-c", cpus, *command]
+
+
+def serverctl() -> list[str]:
+    """The `serverctl` of this Python environment, or the module that implements it."""
+    script = Path(sys.executable).parent / "serverctl"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "tiffin.server.cli"]
+
+
+class ServerProcess:
+    """A server subprocess with a log file; `url` is host:port for clients."""
+
+    def __init__(
+        self, command: list[str], log_path: Path, url: str = "", pipe_stdout: bool = False
+    ) -> None:
+        self.command = command
+        self.log_path = log_path
+        self.url = url
+        self._log = open(log_path, "w+b")
+        self.proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE if pipe_stdout else self._log,
+            stderr=self._log,
+            cwd=REPO_ROOT,
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        text = self.log_path.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"{' '.join(self.command)} exited with {self.proc.returncode}:\n{self.log_tail()}"
+            )
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
+        return int(self.proc.returncode)
+
+
+def start_tiffin(
+    repository: Path,
+    cpus: str | None,
+    log_path: Path,
+    models: list[str],
+    grpc_threads: int | None = None,
+    timeout: float = 120.0,
+) -> ServerProcess:
+    """`serverctl serve` pinned to `cpus`, once SERVING and every model in `models` ready."""
+    port = free_port()
+    command = [
+        *serverctl(),
+        "serve",
+        "--model-repository",
+        str(repository),
+        "--grpc-port",
+        str(port),
+        "--log-level",
+        "WARNING",
+    ]
+    if grpc_threads is not None:
+        command += ["--grpc-threads", str(grpc_threads)]
+    server = ServerProcess(pinned(command, cpus), log_path, f"127.0.0.1:{port}")
+    try:
+        _wait_serving(server, models, timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _wait_serving(server: ServerProcess, models: list[str], timeout: float) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tiffin.protos import method_path, protocol
+
+    pb = protocol()
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(server.url) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        model_ready = channel.unary_unary(
+            method_path("ModelReady"),
+            request_serializer=pb.ModelReadyRequest.SerializeToString,
+            response_deserializer=pb.ModelReadyResponse.FromString,
+        )
+        while time.monotonic() < deadline:
+            server._check_alive()
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise TimeoutError(f"server not SERVING within {timeout} s:\n{server.log_tail()}")
+        for name in models:
+            try:
+                ready = model_ready(pb.ModelReadyRequest(name=name), timeout=5).ready
+            except grpc.RpcError as exc:
+                ready, detail = False, exc.details()
+            else:
+                detail = "not ready"
+            if not ready:
+                raise RuntimeError(f"model {name} is not ready ({detail}):\n{server.log_tail()}")
+
+
+def start_echo(kind: str, cpus: str | None, log_path: Path, timeout: float = 60.0) -> ServerProcess:
+    """`python -m benchmarks echo --kind KIND` pinned to `cpus`, once it printed its port."""
+    command = [sys.executable, "-m", "benchmarks", "echo", "--kind", kind, "--port", "0"]
+    server = ServerProcess(pinned(command, cpus), log_path, pipe_stdout=True)
+    assert server.proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    line = b""
+    # The READY line is the only thing the echo server prints; readline returns at EOF too.
+    while time.monotonic() < deadline and not line.startswith(b"READY"):
+        line = server.proc.stdout.readline()
+        if not line:
+            server.stop()
+            raise RuntimeError(f"echo server ({kind}) exited:\n{server.log_tail()}")
+    if not line.startswith(b"READY"):
+        server.stop()
+        raise TimeoutError(f"echo server ({kind}) did not start within {timeout} s")
+    server.url = f"127.0.0.1:{int(line.split()[1])}"
+    return server
