@@ -1,0 +1,173 @@
+"""The benchmark pipeline (`python -m benchmarks`): a tiny whole run, and its parts.
+
+The smoke run checks that the pipeline produces well-formed outputs, not speeds: a busy CI box
+must not fail it. perf_analyzer is not needed (the lean client only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+if str(ROOT) not in sys.path:  # benchmarks/ is a folder of the repository, not installed
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import compare, models, report  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TARGETS = ("tiffin", "echo-sync", "echo-aio")
+MODES = ("unary", "streaming")
+
+
+def _cpus() -> tuple[str, str]:
+    """Server and client cpus: two different ones when this process may use two."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (str(cpus[1]), str(cpus[0])) if len(cpus) > 1 else (str(cpus[0]), str(cpus[0]))
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    server_cpus, client_cpus = _cpus()
+    command = [
+        sys.executable, "-m", "benchmarks", "run",
+        "--models", "mlp",
+        "--concurrency", "1",
+        "--modes", "unary,streaming",
+        "--clients", "lean",
+        "--server-cpus", server_cpus,
+        "--client-cpus", client_cpus,
+        "--duration", "1",
+        "--warmup", "0.3",
+        "--limit-seconds", "0.05",
+        "--out", str(out),
+        "--model-repository", str(out / "models"),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+@pytest.mark.timeout(150)
+def test_smoke_run_writes_json(smoke_run: Path):
+    run = json.loads((smoke_run / "run.json").read_text())
+    for key in ("environment", "pinning", "load_average", "settings", "limit", "results"):
+        assert key in run, key
+    env = run["environment"]
+    assert env["python"] and env["packages"]["grpcio"] and env["packages"]["onnxruntime"]
+    assert "tiffin_commit" in env
+    assert run["pinning"]["server_cpus"] and run["pinning"]["client_cpus"]
+    for when in ("before", "after"):
+        assert len(run["load_average"][when]) == 3
+        assert all(_finite(x) for x in run["load_average"][when])
+    limit = run["limit"]["mlp"]
+    assert _finite(limit["best_items_per_s"]) and limit["best_items_per_s"] > 0
+    assert [b["batch"] for b in limit["batches"]] == [1, 2, 4, 8, 16, 32, 64]
+    assert run["server_exit_status"] == {t: 0 for t in TARGETS}
+    assert run["notes"] == []
+
+    points = {(r["target"], r["mode"]): r for r in run["results"]}
+    assert set(points) == {(t, m) for t in TARGETS for m in MODES}
+    for (target, mode), r in points.items():
+        assert r["client"] == "lean" and r["concurrency"] == 1
+        assert r["errors"] == {}, (target, mode, r)
+        assert _finite(r["throughput"]) and r["throughput"] >= 0
+        # Speed is not asserted: a shared box can stall a server through a whole 1 s window,
+        # so only the echo servers (part of this pipeline) must have answered.
+        if target.startswith("echo-"):
+            assert r["requests"] > 0, (target, mode, r)
+        if r["requests"]:
+            lat = r["latency_ms"]
+            assert all(_finite(lat[k]) for k in ("p50", "p90", "p99", "mean", "max"))
+            assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+
+    derived = {d["mode"]: d for d in run["derived"]}
+    assert set(derived) == set(MODES)
+    for d in derived.values():
+        for key in ("limit", "echo", "ideal", "ratio_limit", "ratio_ideal"):
+            assert _finite(d[key]), (key, d)
+        assert d["ideal"] == pytest.approx(1 / (1 / d["limit"] + 1 / d["echo"]))
+
+
+@pytest.mark.timeout(150)
+def test_smoke_run_writes_markdown_and_plot(smoke_run: Path):
+    text = (smoke_run / "results.md").read_text()
+    assert text.startswith("# Tiffin benchmark")
+    assert "÷ ideal" in text and "## The limit" in text and "## Transport ceiling" in text
+    for mode in MODES:
+        assert f"| mlp | {mode} | 1 |" in text
+    png = (smoke_run / "results.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 1000
+    assert (smoke_run / "server.log").exists()
+
+
+def test_generated_models_match_the_spec():
+    ort = pytest.importorskip("onnxruntime")
+    for name, spec in models.MODELS.items():
+        model = models.build(name)
+        assert model.ir_version == models.IR_VERSION
+        assert [o.version for o in model.opset_import] == [models.OPSET]
+        assert model.SerializeToString() == models.build(name).SerializeToString()  # seeded
+        session = ort.InferenceSession(
+            model.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        (out,) = session.run(["OUTPUT0"], {"INPUT0": spec.sample(3)})
+        assert out.shape == (3, *spec.output_dims) and out.dtype == np.float32
+        assert np.isfinite(out).all()
+
+
+def test_config_yaml_follows_the_flags():
+    text = models.config_yaml(models.RepositoryOptions("inline", 2, 500))
+    assert "kind: inline" in text and "count: 2" in text
+    assert "max_queue_delay_microseconds: 500" in text and "intra_op_thread_count: 1" in text
+    with pytest.raises(ValueError, match="instance kind"):
+        models.config_yaml(models.RepositoryOptions("gpu"))
+
+
+def _run(throughput: float, p99: float, limit: float, echo: float) -> dict:
+    point = {"model": "mlp", "mode": "unary", "client": "lean", "concurrency": 64}
+    results = [
+        {"target": "tiffin", **point, "throughput": throughput,
+         "latency_ms": {"p50": 1.0, "p99": p99}},
+        {"target": "echo-aio", **point, "throughput": echo, "latency_ms": {"p50": 0.5, "p99": 1}},
+        {"target": "echo-sync", **point, "throughput": echo / 2,
+         "latency_ms": {"p50": 0.4, "p99": 1}},
+    ]  # fmt: skip
+    limits = {"mlp": {"best_items_per_s": limit, "batch1_p50_ms": 0.13}}
+    return {
+        "started": "t",
+        "environment": {"tiffin_commit": "abc"},
+        "limit": limits,
+        "results": results,
+        "derived": report.derive(limits, results),
+    }
+
+
+def test_ideal_uses_the_better_echo_server():
+    (d,) = _run(1000, 5.0, limit=20000, echo=5000)["derived"]
+    assert d["echo"] == 5000 and d["echo_target"] == "echo-aio"
+    assert d["ideal"] == pytest.approx(4000)
+    assert d["ratio_ideal"] == pytest.approx(0.25) and d["ratio_limit"] == pytest.approx(0.05)
+
+
+def test_compare_prints_the_change():
+    a, b = _run(1000, 5.0, 20000, 5000), _run(1500, 4.0, 22000, 5000)
+    b["results"].append({**b["results"][0], "concurrency": 8})
+    text = compare.compare(a, b)
+    line = next(ln for ln in text.splitlines() if ln.startswith("| tiffin mlp unary lean c=64"))
+    assert "1,000" in line and "1,500" in line and "+50.0%" in line and "-20.0%" in line
+    assert "limit mlp: 20,000 -> 22,000 items/s (+10.0%)" in text
+    assert "only in B: tiffin mlp unary lean c=8" in text
