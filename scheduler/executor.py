@@ -53,12 +53,13 @@ class ModelExecutor:
             "(its workers are restarting)"
         )
 
-    async def submit(self, request: InferenceRequest) -> InferenceResponse:
+    def enqueue(self, request: InferenceRequest) -> asyncio.Future[InferenceResponse]:
+        """Queues a request; the future of its response. Raises when it cannot be queued."""
         if self._closed:
             raise ModelNotReady(f"model '{self.key.name}' version {self.key.version} is unloading")
         if not any(i.alive for i in self._instances):
             raise self._no_instance()
-        return await self._batcher.put(request)
+        return self._batcher.put(request)
 
     async def stop(self) -> None:
         """Stops taking requests, finishes those queued and running, then unloads."""

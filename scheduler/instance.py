@@ -15,7 +15,6 @@ import os
 import pickle
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,14 +71,17 @@ def gather_inputs(requests: list[InferenceRequest]) -> dict[str, list[np.ndarray
 
 
 class InlineInstance:
-    """Runs the backend in the frontend process, loaded, run and unloaded on one thread."""
+    """Runs the backend on the scheduler's event-loop thread, inside the frontend process.
+
+    No thread or process hand-off at all, which is what makes it worth having for tiny
+    models; the loop waits while the model runs, so it is not for models that take long.
+    """
 
     def __init__(self, name: str, config: ModelConfig, version_dir: Path, device: Device) -> None:
         self.name = name
         self.device = device
         self._config = config
         self._version_dir = version_dir
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._backend: Backend | None = None
 
     @property
@@ -88,10 +90,7 @@ class InlineInstance:
 
     async def load(self) -> None:
         backend = get_backend(self._config.backend)()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            self._thread, backend.load, self._config, self._version_dir, self.device
-        )
+        backend.load(self._config, self._version_dir, self.device)
         self._backend = backend
 
     async def wait_alive(self) -> None:
@@ -104,29 +103,23 @@ class InlineInstance:
             name: arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
             for name, arrays in gather_inputs(requests).items()
         }
-        input_ns = time.perf_counter_ns() - start
-        backend = self._backend
-
-        def run() -> tuple[dict[str, np.ndarray], int]:
-            begin = time.perf_counter_ns()
-            results = backend.infer(inputs, outputs)
-            return results, time.perf_counter_ns() - begin
-
-        loop = asyncio.get_running_loop()
+        begin = time.perf_counter_ns()
         try:
-            results, infer_ns = await loop.run_in_executor(self._thread, run)
+            results = self._backend.infer(inputs, outputs)
         except Exception as exc:
             raise BackendError(str(exc) or type(exc).__name__) from exc
+        infer_ns = time.perf_counter_ns() - begin
         missing = [n for n in outputs if n not in results]
         if missing:
             raise BackendError(f"the backend returned no output named {', '.join(missing)}")
-        return Execution({n: np.asarray(results[n]) for n in outputs}, False, input_ns, infer_ns)
+        return Execution(
+            {n: np.asarray(results[n]) for n in outputs}, False, begin - start, infer_ns
+        )
 
     async def unload(self) -> None:
         backend, self._backend = self._backend, None
         if backend is not None:
-            await asyncio.get_running_loop().run_in_executor(self._thread, backend.unload)
-        self._thread.shutdown(wait=False)
+            backend.unload()
 
 
 def worker_environment(device: Device) -> tuple[dict[str, str], Device]:

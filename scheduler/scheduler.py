@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -83,12 +84,19 @@ class Scheduler:
 
     async def submit(self, request: InferenceRequest) -> InferenceResponse:
         """Queues a request and waits for its response (or its error)."""
+        return await self.enqueue(request)
+
+    def enqueue(self, request: InferenceRequest) -> asyncio.Future[InferenceResponse]:
+        """Queues a request (on the loop, without awaiting): the future of its response.
+
+        Raises at once what is known at once: model not loaded, queue full.
+        """
         executor = self._executors.get(request.model)
         if executor is None:
             raise ModelNotReady(
                 f"model '{request.model.name}' version {request.model.version} is not loaded"
             )
-        return await executor.submit(request)
+        return executor.enqueue(request)
 
     def statistics(self, key: ModelKey) -> ModelStatistics:
         """A snapshot of the version's statistics (zeros if it was never loaded)."""

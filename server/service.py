@@ -8,7 +8,6 @@ status here, at the edge, and nowhere else.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import logging
 import queue
@@ -21,20 +20,23 @@ import grpc
 
 from tiffin.protos import SERVICE_NAME, model_config, protocol
 from tiffin.protos.errors import (
-    Cancelled,
     InvalidInput,
     ServerNotReady,
     TiffinError,
     Unsupported,
 )
-from tiffin.scheduler import InferenceResponse, ModelKey, Scheduler
+from tiffin.scheduler import ModelKey, Scheduler
 from tiffin.scheduler.statistics import DURATIONS
 
+from .bridge import LoopBridge, Pending
 from .config_message import config_message
 from .inference import decode_request, encode_response
 from .manager import LOADING, READY, ModelManager
 
 log = logging.getLogger(__name__)
+
+# A stream request in flight: the message, its Pending (or why it could not start), its config.
+StreamItem = tuple[Any, "Pending | TiffinError", "model_config.ModelConfig | None"]
 
 SERVER_NAME = "tiffin"
 # Only what really works is advertised: perf_analyzer acts on this list.
@@ -87,7 +89,7 @@ class InferenceService:
         self._pb = protocol()
         self._manager = manager
         self._scheduler = scheduler
-        self._loop = loop
+        self._bridge = LoopBridge(loop, scheduler)
         self._state = state
         self._version = version
         self._strict = strict_readiness
@@ -120,9 +122,6 @@ class InferenceService:
             )
 
         return handler
-
-    def _on_loop(self, coroutine: Any) -> concurrent.futures.Future[Any]:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     def is_ready(self) -> bool:
         if not self._state.loaded or self._state.stopping:
@@ -258,7 +257,7 @@ class InferenceService:
                 "folder in the repository and load it again"
             )
         try:
-            self._on_loop(self._manager.load(request.model_name)).result()
+            self._bridge.call(self._manager.load(request.model_name))
         finally:
             self._on_models_changed()
         return self._pb.RepositoryModelLoadResponse()
@@ -268,7 +267,7 @@ class InferenceService:
         if request.repository_name:
             self._check_repository(request.repository_name)
         try:
-            self._on_loop(self._manager.unload(request.model_name)).result()
+            self._bridge.call(self._manager.unload(request.model_name))
         finally:
             self._on_models_changed()
         return self._pb.RepositoryModelUnloadResponse()
@@ -283,26 +282,22 @@ class InferenceService:
 
     def _start_infer(
         self, msg: Any, deadline: float | None
-    ) -> tuple[Any, model_config.ModelConfig]:
-        """Validates and queues a request: a future of its InferenceResponse, and the config
-        it was checked against (which encodes the response)."""
+    ) -> tuple[Pending, model_config.ModelConfig]:
+        """Validates and queues a request: its Pending, and the config it was checked against
+        (which encodes the response)."""
         self._state.check_accepting()
         spec = self._manager.resolve(msg.model_name, msg.model_version)
         assert spec.config is not None
         request = decode_request(msg, ModelKey(msg.model_name, spec.version), spec.config, deadline)
-        return self._on_loop(self._scheduler.submit(request)), spec.config
+        return self._bridge.submit(request), spec.config
 
     @_rpc
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        future, config = self._start_infer(request, deadline)
-        context.add_callback(future.cancel)  # the client went away: drop the request
-        try:
-            response: InferenceResponse = future.result()
-        except concurrent.futures.CancelledError:
-            raise Cancelled("the request was cancelled") from None
-        return encode_response(response, config)
+        pending, config = self._start_infer(request, deadline)
+        context.add_callback(pending.cancel)  # the client went away: drop the request
+        return encode_response(pending.wait(), config)
 
     def ModelStreamInfer(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
@@ -312,43 +307,43 @@ class InferenceService:
         abort_on_error = any(
             k == "triton_grpc_error" and v == "true" for k, v in context.invocation_metadata()
         )
-        pending: queue.SimpleQueue[tuple[Any, Any, model_config.ModelConfig | None] | None] = (
-            queue.SimpleQueue()
-        )
-        outstanding: set[concurrent.futures.Future[Any]] = set()  # only unfinished ones
+        queued: queue.SimpleQueue[
+            tuple[Any, Pending | TiffinError, model_config.ModelConfig | None] | None
+        ] = queue.SimpleQueue()
+        outstanding: set[Pending] = set()  # only unanswered ones: a stream may live for hours
 
         def read_requests() -> None:
             try:
                 for msg in request_iterator:
                     try:
-                        future, config = self._start_infer(msg, None)
-                        outstanding.add(future)
-                        future.add_done_callback(outstanding.discard)
-                        pending.put((msg, future, config))
+                        pending, config = self._start_infer(msg, None)
+                        outstanding.add(pending)
+                        queued.put((msg, pending, config))
                     except TiffinError as exc:
-                        pending.put((msg, exc, None))
+                        queued.put((msg, exc, None))
             except Exception:  # the stream broke or was cancelled: stop reading
                 pass
             finally:
-                pending.put(None)
+                queued.put(None)
 
         def cancel_outstanding() -> None:
-            for future in list(outstanding):
-                future.cancel()
+            for pending in list(outstanding):
+                pending.cancel()
 
         context.add_callback(cancel_outstanding)
         threading.Thread(target=read_requests, name="stream-reader", daemon=True).start()
-        while (item := pending.get()) is not None:
+        while (item := queued.get()) is not None:
             msg, outcome, config = item
             try:
                 if isinstance(outcome, TiffinError):
                     raise outcome
-                response = outcome.result()
+                try:
+                    response = outcome.wait()
+                finally:
+                    outstanding.discard(outcome)
                 yield self._pb.ModelStreamInferResponse(
                     infer_response=encode_response(response, config, final=True)
                 )
-            except concurrent.futures.CancelledError:
-                return
             except TiffinError as exc:
                 if abort_on_error:
                     context.abort(exc.code, exc.message)
