@@ -21,7 +21,7 @@ class ServerSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     grpc_threads: int = Field(
-        64,
+        256,
         ge=1,
         description="gRPC handler threads; also the most RPCs served at once (streams hold one "
         "each); beyond it calls get RESOURCE_EXHAUSTED.",
