@@ -324,10 +324,12 @@ def test_unload_lets_queued_and_running_requests_finish(make_server, tmp_path):
 def test_arenas_of_a_killed_server_are_removed_by_the_next_one(tmp_path):
     repo = toy_repo(tmp_path, echo=toy_config("Echo"))
     first = ServerProcess(repo)
-    mine = [p for p in os.listdir("/dev/shm") if p.startswith(f"tiffin_{first.proc.pid}_")]
-    assert mine, "a worker instance should own an arena"
-    first.proc.kill()
-    first.proc.wait(10)
+    try:
+        mine = [p for p in os.listdir("/dev/shm") if p.startswith(f"tiffin_{first.proc.pid}_")]
+        assert mine, "a worker instance should own an arena"
+    finally:
+        first.proc.kill()
+        first.proc.wait(10)
     assert set(mine) <= set(leaked_arenas())
     second = ServerProcess(repo)
     try:
