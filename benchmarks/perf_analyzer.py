@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .servers import REPO_ROOT
 
+MAX_TRIALS = 6  # measurement windows before it gives up on a stable figure
 PA_MODES = {"unary": [], "unary_async": ["--async"], "streaming": ["--streaming"]}
 WRAPPER_CANDIDATES = (
     REPO_ROOT.parent / "shared" / "tools" / "perf_analyzer" / "perf_analyzer",
@@ -73,6 +74,7 @@ _SUMMARY = {
     "mean": re.compile(r"Avg latency: (\d+) usec"),
     "requests": re.compile(r"Request count: (\d+)"),
 }
+_PASS = re.compile(r"Pass \[\d+\] throughput: ([0-9.]+) infer/sec\. Avg latency: (\d+) usec")
 
 
 def parse_csv(path: Path) -> dict | None:
@@ -96,10 +98,19 @@ def parse_csv(path: Path) -> dict | None:
 
 
 def parse_output(text: str) -> dict | None:
-    """The last client summary perf_analyzer printed (used when there is no CSV)."""
+    """The last client summary perf_analyzer printed (used when there is no CSV); failing
+    that, the mean of the measurement windows it printed (`unstable`: it never settled)."""
     found = {key: pattern.findall(text) for key, pattern in _SUMMARY.items()}
     if not found["throughput"]:
-        return None
+        passes = [(float(t), float(lat)) for t, lat in _PASS.findall(text)]
+        if not passes:
+            return None
+        return {
+            "throughput": sum(t for t, _ in passes) / len(passes),
+            "latency_ms": {"mean": sum(lat for _, lat in passes) / len(passes) / 1e3},
+            "unstable": True,
+            "windows": len(passes),
+        }
     latency = {
         key: float(found[key][-1]) / 1e3 for key in ("p50", "p90", "p99", "mean") if found[key]
     }
@@ -137,11 +148,12 @@ def run(
                 str(concurrency),
                 "--measurement-interval",
                 str(interval_ms),
-                # Bounded: up to 6 windows, stable when 3 in a row agree within 20 %.
+                # Bounded: up to MAX_TRIALS windows, stable when 3 in a row agree within 20 %.
                 "--stability-percentage",
                 "20",
                 "--max-trials",
-                "6",
+                str(MAX_TRIALS),
+                "-v",  # prints every window: all there is when it never settles
                 "-f",
                 str(csv_path),
                 *PA_MODES[mode],

@@ -105,6 +105,8 @@ def _header(run: dict) -> list[str]:
     dirty = " + uncommitted changes" if env.get("tiffin_dirty") else ""
     load = run.get("load_average", {})
     before, after = load.get("before") or ["?"], load.get("after") or ["?"]
+    during = [r["load_1min"] for r in run.get("results", []) if r.get("load_1min") is not None]
+    peak = f", highest 1-min during the points {max(during)}" if during else ""
     lines = [
         f"# Tiffin benchmark, {run.get('started', '')}",
         "",
@@ -114,7 +116,7 @@ def _header(run: dict) -> list[str]:
         + (f" · {env['perf_analyzer']}" if "perf_analyzer" in env else ""),
         f"- pinning: servers and limit on cpu {run['pinning']['server_cpus']}, load on cpu "
         f"{run['pinning']['client_cpus']} · {env.get('cpu_model')}, {env.get('cpu_count')} cpus"
-        f" · load average (1, 5, 15 min) {before} before, {after} after",
+        f" · load average (1, 5, 15 min) {before} before, {after} after{peak}",
         f"- each point: {settings['warmup_s']:g} s warm-up, {settings['duration_s']:g} s "
         f"measured, batch-1 requests; streaming carries the load on {settings['streams']} "
         f"streams (perf_analyzer: one per concurrency slot); model instances: "

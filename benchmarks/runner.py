@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -264,18 +265,37 @@ def _run_load(plan: Plan, url: str, point: dict) -> dict:
     return result
 
 
+class Journal:
+    """The results so far; each is stamped with the 1-minute load average and saved at once
+    (run.partial.json), so an interrupted run keeps what it measured."""
+
+    def __init__(self, run: dict, out: Path) -> None:
+        self.run = run
+        self.results: list[dict] = []
+        self.path = out / "run.partial.json"
+
+    def add(self, result: dict) -> None:
+        result["load_1min"] = environment.load_average()[0]
+        self.results.append(result)
+        partial = {**self.run, "results": self.results}
+        self.path.write_text(json.dumps(partial, indent=1, default=str) + "\n")
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def _measure_server(
     plan: Plan,
     target: str,
     url: str,
     pa: perf_analyzer.PerfAnalyzer | None,
     display: Display,
-    results: list[dict],
+    journal: Journal,
 ) -> None:
     for point in plan.loads(target):
         display.start(_label(target, point))
         result = {"target": target, **point, **_run_load(plan, url, point)}
-        results.append(result)
+        journal.add(result)
         shown = result["error"] if "error" in result else format_result(result)
         display.finish(f"{_label(target, point)}: {shown}")
     if pa is None:
@@ -289,7 +309,7 @@ def _measure_server(
                 "skipped: perf_analyzer opens one stream per concurrency slot and the sync "
                 "echo server's 4 threads serve 4 streams at a time"
             )
-            results.append({"target": target, **point, "skipped": note})
+            journal.add({"target": target, **point, "skipped": note})
             display.finish(f"{label}: {note}")
             continue
         display.start(label)
@@ -300,11 +320,11 @@ def _measure_server(
             point["mode"],
             point["concurrency"],
             interval,
-            timeout=interval / 1000 * 8 + 60,
+            timeout=interval / 1000 * perf_analyzer.MAX_TRIALS + 45,
             cpus=plan.client_cpus,
         )
         result = {"target": target, **point, **figures}
-        results.append(result)
+        journal.add(result)
         if "throughput" in result:
             lat = result.get("latency_ms") or {}
             shown = (
@@ -420,10 +440,13 @@ def main(args: argparse.Namespace) -> int:
         else:
             run["environment"]["perf_analyzer"] = pa.version
     repository = write_repository(args.model_repository, plan.models, repository_options(args))
-    results: list[dict] = []
+    journal = Journal(run, out)
     limits: dict = {}
     stops: dict[str, int] = {}
     display = Display(_steps(plan, pa is not None))
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        # Stopped from outside: unwind, so that servers stop and what was measured is written.
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
     try:
         with display:
             if pa is None and "perf_analyzer" in plan.clients:
@@ -440,9 +463,9 @@ def main(args: argparse.Namespace) -> int:
                 display.start("starting serverctl serve")
                 with _serving(start, "tiffin", plan.notes, stops) as server:
                     if server is not None:
-                        _measure_server(plan, "tiffin", server.url, pa, display, results)
+                        _measure_server(plan, "tiffin", server.url, pa, display, journal)
             display.start("in-process limit")
-            limits = _measure_limit(plan, repository)
+            limits = run["limit"] = _measure_limit(plan, repository)
             display.finish(
                 "limit: "
                 + ", ".join(
@@ -465,16 +488,17 @@ def main(args: argparse.Namespace) -> int:
                     stops,
                 ) as server:
                     if server is not None:
-                        _measure_server(plan, target, server.url, pa, display, results)
+                        _measure_server(plan, target, server.url, pa, display, journal)
     finally:
         run["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
         run["load_average"]["after"] = environment.load_average()
         run["server_exit_status"] = stops
         run["limit"] = limits
-        run["results"] = results
-        run["derived"] = report.derive(limits, results)
+        run["results"] = journal.results
+        run["derived"] = report.derive(limits, journal.results)
         run["notes"] = plan.notes
         paths = report.write_all(run, out)
+        journal.close()
         print(paths["markdown"].read_text())
         print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0
