@@ -281,7 +281,7 @@ def test_onnx_model_on_gpu(make_server, example_repo_copy):
     if not Path("/proc/driver/nvidia/gpus").is_dir():
         pytest.skip("no CUDA device on this machine")
     config = example_repo_copy / "classifier" / "config.yaml"
-    config.write_text(config.read_text().replace("kind: cpu", "kind: gpu"))
+    config.write_text(config.read_text().replace("kind: inline", "kind: gpu"))
     server = make_server(example_repo_copy)
     client = tc.InferenceServerClient(server.url)
     x = np.ones((2, 4), np.float32)
@@ -295,7 +295,7 @@ def test_gpu_instance_without_a_gpu_fails_the_load_clearly(make_server, example_
     if Path("/proc/driver/nvidia/gpus").is_dir():
         pytest.skip("this machine has a GPU")
     config = example_repo_copy / "add_sub" / "config.yaml"
-    config.write_text(config.read_text().replace("kind: cpu", "kind: gpu"))
+    config.write_text(config.read_text().replace("kind: inline", "kind: gpu"))
     server = make_server(example_repo_copy)
     index = {
         m.name: m for m in tc.InferenceServerClient(server.url).get_model_repository_index().models
