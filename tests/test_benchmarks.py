@@ -163,6 +163,16 @@ def test_ideal_uses_the_better_echo_server():
     assert d["ratio_ideal"] == pytest.approx(0.25) and d["ratio_limit"] == pytest.approx(0.05)
 
 
+def test_ideal_falls_back_to_the_lean_echo():
+    """perf_analyzer is not run against echo servers with large answers: the lean echo of the
+    same mode stands in, and says so."""
+    run = _run(1000, 5.0, limit=20000, echo=5000)
+    pa = {**run["results"][0], "client": "perf_analyzer", "mode": "unary_async"}
+    (d,) = report.derive(run["limit"], [pa, *run["results"][1:]])
+    assert d["echo"] == 5000 and d["echo_client"] == "lean"
+    assert d["ideal"] == pytest.approx(4000)
+
+
 def test_compare_prints_the_change():
     a, b = _run(1000, 5.0, 20000, 5000), _run(1500, 4.0, 22000, 5000)
     b["results"].append({**b["results"][0], "concurrency": 8})
