@@ -215,7 +215,8 @@ def _echo_table(run: dict) -> list[str]:
                 row += ["–", "–"]
             else:
                 row += [_n(r.get("throughput")), f"{_lat(r, 'p50')} / {_lat(r, 'p99')}"]
-        rows.append(row)
+        if any(cell != "–" for cell in row[4:]):  # points skipped on both servers: see Notes
+            rows.append(row)
     return ["## Transport ceiling: echo servers, no model", ""] + _table(
         [
             "model",
@@ -317,10 +318,8 @@ def markdown(run: dict) -> str:
     skipped = [r for r in run["results"] if "skipped" in r]
     notes = list(run.get("notes", []))
     if skipped:
-        notes.append(
-            f"{len(skipped)} point(s) skipped: "
-            + "; ".join(dict.fromkeys(r["skipped"] for r in skipped))
-        )
+        reasons = dict.fromkeys(r["skipped"].removeprefix("skipped: ") for r in skipped)
+        notes.append(f"{len(skipped)} point(s) skipped: " + "; ".join(reasons))
     failed = [r for r in run["results"] if "error" in r and r["target"] != "tiffin"]
     notes += [
         f"{r['target']} {r['model']} {r['mode']} {r['client']} "
