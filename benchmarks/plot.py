@@ -1,7 +1,8 @@
 """results.png: throughput against p99 latency, one line per configuration, one panel per model.
 
-A configuration is server x mode x client; its points are the concurrencies, labelled. Tiffin
-is drawn solid, the echo servers dashed/dotted, the limit as a horizontal line.
+A configuration is server x mode x client; its points are the concurrencies, labelled. The
+colour says mode and client; Tiffin is drawn solid, the echo servers dotted (sync) and dashed
+(aio), the limit as a horizontal line.
 """
 
 from __future__ import annotations
@@ -9,6 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 STYLES = {"tiffin": "-", "echo-sync": ":", "echo-aio": "--"}
+COLOURS = {  # (mode, client) -> colour, so that a server's line matches its echo's
+    ("unary", "lean"): "tab:blue",
+    ("streaming", "lean"): "tab:orange",
+    ("unary", "tritonclient"): "tab:cyan",
+    ("streaming", "tritonclient"): "tab:olive",
+    ("unary", "perf_analyzer"): "tab:green",
+    ("unary_async", "perf_analyzer"): "tab:red",
+    ("streaming", "perf_analyzer"): "tab:purple",
+}
 
 
 def plot(run: dict, path: Path) -> None:
@@ -41,6 +51,7 @@ def plot(run: dict, path: Path) -> None:
                 xs,
                 ys,
                 STYLES.get(target, "-"),
+                color=COLOURS.get((mode, client), "tab:gray"),
                 marker="o",
                 markersize=3,
                 label=f"{target} {mode} {client}",
@@ -66,7 +77,7 @@ def plot(run: dict, path: Path) -> None:
         )
         ax.grid(True, which="both", linewidth=0.3)
         if points or limit:
-            ax.legend(fontsize=6, loc="best")
+            ax.legend(fontsize=6, loc="best", framealpha=0.6)
     fig.suptitle(
         f"Tiffin benchmark {run.get('started', '')} "
         f"({(run['environment'].get('tiffin_commit') or '')[:10]})",
