@@ -18,14 +18,12 @@ from typing import Any
 import grpc
 import numpy as np
 
+from tiffin.protos import MESSAGE_SIZE_OPTIONS
+
 from .models import INPUT, OUTPUT, ModelSpec
 
 CLIENTS = ("lean", "tritonclient")
-MAX_MESSAGE = 2**31 - 1
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE),
-    ("grpc.max_receive_message_length", MAX_MESSAGE),
-]
+CHANNEL_OPTIONS = MESSAGE_SIZE_OPTIONS
 IN_BAND = "STREAM_ERROR"  # a stream response carrying error_message (no status code)
 INVALID = "INVALID_RESPONSE"
 

@@ -27,17 +27,15 @@ from typing import Any
 
 import grpc
 
+from tiffin.protos import MESSAGE_SIZE_OPTIONS
+
 from .models import INPUT, MODELS, OUTPUT
 
 HELP = "Serve a minimal echo server (no model) that measures the gRPC transport ceiling."
 
 KINDS = ("sync", "aio")
 SYNC_THREADS = 4
-MAX_MESSAGE = 2**31 - 1
-OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE),
-    ("grpc.max_receive_message_length", MAX_MESSAGE),
-]
+OPTIONS = MESSAGE_SIZE_OPTIONS
 
 
 class EchoProtocol:

@@ -12,14 +12,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from tiffin.protos import method_path, protocol
+from tiffin.protos import MESSAGE_SIZE_OPTIONS, method_path, protocol
 
 from .codec import build_request, read_response
 
-_CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 2**31 - 1),
-    ("grpc.max_receive_message_length", 2**31 - 1),
-]
 _UNARY = (
     "ServerLive",
     "ServerReady",
@@ -61,7 +57,7 @@ class InferenceClient:
 
     def __init__(self, url: str, timeout: float | None = None) -> None:
         self._pb = protocol()
-        self._channel = grpc.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(url, options=MESSAGE_SIZE_OPTIONS)
         self._call = _methods(self._channel)
         self._timeout = timeout
 
@@ -126,7 +122,7 @@ class AsyncInferenceClient:
 
     def __init__(self, url: str, timeout: float | None = None) -> None:
         self._pb = protocol()
-        self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(url, options=MESSAGE_SIZE_OPTIONS)
         self._call = _methods(self._channel)
         self._timeout = timeout
 

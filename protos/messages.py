@@ -20,6 +20,12 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 PROTO_FILE = "inference.proto"
 SERVICE_NAME = "inference.GRPCInferenceService"
+# Triton (and tritonclient) allow messages up to INT32_MAX; gRPC's own default is 4 MiB.
+MAX_MESSAGE_BYTES = 2**31 - 1
+MESSAGE_SIZE_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
 
 
 def _compile_descriptor_set() -> bytes:

@@ -9,6 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tiffin.protos import MAX_MESSAGE_BYTES
+
 ENV_PREFIX = "TIFFIN_"
 
 
@@ -27,7 +29,7 @@ class ServerSettings(BaseModel):
         "each); beyond it calls get RESOURCE_EXHAUSTED.",
     )
     max_message_bytes: int = Field(
-        2**31 - 1, ge=1024, description="Largest request or response message, in bytes."
+        MAX_MESSAGE_BYTES, ge=1024, description="Largest request or response message, in bytes."
     )
     strict_readiness: bool = Field(
         False, description="ServerReady only when every model is ready (Triton's default)."
