@@ -74,7 +74,6 @@ class DynamicBatcher:
         self._queues: dict[int, deque[Entry]] = {lv: deque() for lv in self._policies}
         self._sizes = dict.fromkeys(self._policies, 0)
         self._arrived = asyncio.Event()
-        self._blocked = False  # set by _plan: the next request in line did not fit
 
     def queued(self) -> int:
         return sum(self._sizes.values())
@@ -120,7 +119,7 @@ class DynamicBatcher:
     async def next_batch(self) -> list[Entry]:
         """Waits for the next batch; its entries have left the queue."""
         while True:
-            plan = self._plan()
+            plan, blocked = self._plan()
             if not plan:
                 self._arrived.clear()
                 await self._arrived.wait()
@@ -130,7 +129,7 @@ class DynamicBatcher:
             rows = sum(e.request.batch_size for e in plan)
             oldest = min(e.request.arrival_ns for e in plan) / 1e9
             wait = oldest + self._delay - time.monotonic()
-            full = rows >= self._max_rows or self._blocked
+            full = rows >= self._max_rows or blocked
             if self._preferred and rows >= self._preferred[0]:
                 # Cut at the largest preferred size the queued rows reach exactly.
                 cut, total = 0, 0
@@ -148,11 +147,11 @@ class DynamicBatcher:
             except TimeoutError:
                 pass
 
-    def _plan(self) -> list[Entry]:
-        """The entries the next batch would take now, in service order."""
+    def _plan(self) -> tuple[list[Entry], bool]:
+        """The entries the next batch would take now, in service order, and whether the
+        request next in line was left out because it does not fit this batch."""
         plan: list[Entry] = []
         rows = 0
-        self._blocked = False  # the next request in line does not fit this batch
         for delayed in (False, True):
             for level in sorted(self._queues):
                 queue = self._queues[level]
@@ -166,11 +165,10 @@ class DynamicBatcher:
                         or rows + entry.request.batch_size > self._max_rows
                         or entry.shape_key != plan[0].shape_key
                     ):
-                        self._blocked = True
-                        return plan
+                        return plan, True
                     plan.append(entry)
                     rows += entry.request.batch_size
-        return plan
+        return plan, False
 
     def _dispatch(self, entries: list[Entry]) -> list[Entry]:
         for entry in entries:

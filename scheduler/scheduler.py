@@ -102,8 +102,3 @@ class Scheduler:
         """A snapshot of the version's statistics (zeros if it was never loaded)."""
         executor = self._executors.get(key)
         return executor.statistics.snapshot() if executor else ModelStatistics()
-
-    def instances(self, key: ModelKey) -> list[Instance]:
-        """The instances of a loaded version (for diagnostics and tests)."""
-        executor = self._executors.get(key)
-        return list(executor._instances) if executor else []

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 IR_VERSION = 8  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would write 14
 
@@ -44,24 +43,6 @@ def identity(path: Path, datatype: str = "FP32", shape: list = ("batch", 4)) -> 
         "identity",
         [helper.make_tensor_value_info("INPUT0", t, list(shape))],
         [helper.make_tensor_value_info("OUTPUT0", t, list(shape))],
-    )
-    return _save(graph, path)
-
-
-def slow_matmul(path: Path, size: int = 512, repeats: int = 40) -> Path:
-    """OUTPUT0 = INPUT0 @ W repeated `repeats` times: a model that takes a while on one thread."""
-    w = np.eye(size, dtype=np.float32) * 0.5 + 0.5 / size
-    nodes, prev = [], "INPUT0"
-    for i in range(repeats):
-        out = "OUTPUT0" if i == repeats - 1 else f"h{i}"
-        nodes.append(helper.make_node("MatMul", [prev, "W"], [out]))
-        prev = out
-    graph = helper.make_graph(
-        nodes,
-        "slow",
-        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", size])],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", size])],
-        [numpy_helper.from_array(w, "W")],
     )
     return _save(graph, path)
 
