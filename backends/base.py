@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -28,13 +28,8 @@ class Device:
         return "cpu" if self.kind == "cpu" else f"gpu:{self.id}"
 
 
-class Backend(ABC):
-    """One model instance of one framework.
-
-    Lifecycle as in Triton's python backend (initialize / execute / finalize):
-    `load(config, version_dir, device)`, then `infer(inputs, outputs)` per batch,
-    then `unload()`. Errors raised by `infer` fail only the batch being run.
-    """
+class BackendBase:
+    """What every backend shares: its name, its model file, and completing a config."""
 
     #: Registered name, used as `backend:` in config.yaml.
     name: str = ""
@@ -51,6 +46,15 @@ class Backend(ABC):
         """
         return config
 
+
+class Backend(BackendBase, ABC):
+    """One model instance of one framework.
+
+    Lifecycle as in Triton's python backend (initialize / execute / finalize):
+    `load(config, version_dir, device)`, then `infer(inputs, outputs)` per batch,
+    then `unload()`. Errors raised by `infer` fail only the batch being run.
+    """
+
     @abstractmethod
     def load(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
         """Loads the model of one version folder onto `device`."""
@@ -66,3 +70,32 @@ class Backend(ABC):
 
     def unload(self) -> None:  # noqa: B027 - optional hook; most backends let GC free memory
         """Releases what `load` acquired. Called once; the object is not used again."""
+
+
+class ForwardingBackend(BackendBase, ABC):
+    """A backend that hands each whole request to something else (a remote server) and
+    awaits the answer: async, in the frontend process on the scheduler's event loop, with
+    no worker process and no batching (the remote batches).
+
+    `load` and `unload` run on the event loop; `infer` is called once per request, many
+    at a time. Errors it raises that are `tiffin.protos.errors.TiffinError`s reach the
+    caller with their own status; any other exception fails the request as INTERNAL.
+    """
+
+    @abstractmethod
+    async def load(self, config: ModelConfig, version_dir: Path) -> None:
+        """Prepares forwarding (connections) for one model version."""
+
+    @abstractmethod
+    async def infer(
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str],
+        parameters: dict[str, Any],
+        timeout: float | None,
+    ) -> dict[str, np.ndarray]:
+        """Forwards one request: its inputs, the outputs it asked for, its parameters, and
+        the seconds left before its caller stops waiting (None: no deadline)."""
+
+    async def unload(self) -> None:  # noqa: B027 - optional hook
+        """Releases what `load` acquired, once requests in flight have finished."""

@@ -28,7 +28,7 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 def load_backend(repository: Path, name: str) -> Any:
     """Loads version 1 of a repository model with the backend the server would use."""
-    from tiffin.backends import Device, get_backend
+    from tiffin.backends import Device, get_batch_backend
     from tiffin.protos.model_config import ModelConfig
 
     written = yaml.safe_load((repository / name / "config.yaml").read_text())
@@ -39,7 +39,7 @@ def load_backend(repository: Path, name: str) -> Any:
         max_batch_size=written["max_batch_size"],
         parameters=written.get("parameters", {}),
     )
-    backend_cls = get_backend(config.backend)
+    backend_cls = get_batch_backend(config.backend)
     version_dir = repository / name / "1"
     config = backend_cls.complete_config(config, version_dir / backend_cls.default_model_filename)
     backend = backend_cls()

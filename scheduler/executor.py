@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Protocol
 
 import numpy as np
 
@@ -17,6 +18,22 @@ from .request import InferenceRequest, InferenceResponse, ModelKey
 from .statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    """What the scheduler asks of every kind of model version it serves."""
+
+    key: ModelKey
+    statistics: ModelStatistics
+
+    async def start(self) -> None:
+        """Loads what the version needs; raises if it cannot serve."""
+
+    def enqueue(self, request: InferenceRequest) -> asyncio.Future[InferenceResponse]:
+        """Queues a request; the future of its response. Raises when it cannot be queued."""
+
+    async def stop(self) -> None:
+        """Finishes queued and running requests, then releases everything."""
 
 
 class ModelExecutor:

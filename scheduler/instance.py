@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tiffin.backends import Backend, Device, get_backend
+from tiffin.backends import Backend, Device, get_batch_backend
 from tiffin.protos.errors import BackendError, ModelNotReady
 from tiffin.protos.model_config import ModelConfig
 
@@ -89,7 +89,7 @@ class InlineInstance:
         return self._backend is not None
 
     async def load(self) -> None:
-        backend = get_backend(self._config.backend)()
+        backend = get_batch_backend(self._config.backend)()
         backend.load(self._config, self._version_dir, self.device)
         self._backend = backend
 

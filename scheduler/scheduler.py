@@ -6,6 +6,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+from tiffin.backends import ForwardingBackend, get_backend
 from tiffin.protos.datatypes import DATATYPES
 from tiffin.protos.errors import ModelNotReady
 from tiffin.protos.model_config import ModelConfig
@@ -13,7 +14,7 @@ from tiffin.protos.tensors import element_count
 
 from .arena import align
 from .devices import place_instances
-from .executor import ModelExecutor
+from .executor import Executor, ModelExecutor
 from .instance import InlineInstance, Instance, WorkerInstance
 from .request import InferenceRequest, InferenceResponse, ModelKey
 from .statistics import ModelStatistics
@@ -45,7 +46,7 @@ class Scheduler:
     """
 
     def __init__(self) -> None:
-        self._executors: dict[ModelKey, ModelExecutor] = {}
+        self._executors: dict[ModelKey, Executor] = {}
 
     async def load(self, key: ModelKey, config: ModelConfig, version_dir: Path) -> None:
         """Creates and loads the instances of a model version; raises if any fails.
@@ -53,6 +54,19 @@ class Scheduler:
         Loading a version that is already loaded replaces it: the new instances
         take over once loaded, and the old ones finish their queue, then unload.
         """
+        executor = self._create_executor(key, config, version_dir)
+        await executor.start()
+        old, self._executors[key] = self._executors.get(key), executor
+        if old is not None:
+            await old.stop()
+
+    def _create_executor(self, key: ModelKey, config: ModelConfig, version_dir: Path) -> Executor:
+        """The executor kind a config asks for: batching instances, or forwarding."""
+        backend = get_backend(config.backend)
+        if issubclass(backend, ForwardingBackend):
+            from .forwarding import ForwardingExecutor
+
+            return ForwardingExecutor(key, config, version_dir, backend)
         placements = place_instances(config.instance_group, key.name)
         size = arena_bytes(config)
         instances: list[Instance] = []
@@ -66,14 +80,11 @@ class Scheduler:
                     name, config, version_dir, device, size, on_change=executor.instances_changed
                 )
             )
-        await executor.start()
-        old, self._executors[key] = self._executors.get(key), executor
-        if old is not None:
-            await old.stop()
         kinds = sorted(
             {("inline" if isinstance(i, InlineInstance) else str(i.device)) for i in instances}
         )
         log.info("%s: %d instance(s) on %s", key, len(instances), ", ".join(kinds))
+        return executor
 
     async def unload(self, key: ModelKey) -> None:
         """Finishes the version's queued requests, then unloads its instances."""

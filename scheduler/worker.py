@@ -33,7 +33,7 @@ def run_worker(
     os.environ.update(environment)  # before anything imports a framework
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the frontend's to handle
 
-    from tiffin.backends import Device, get_backend
+    from tiffin.backends import Device, get_batch_backend
     from tiffin.protos.model_config import ModelConfig
 
     from .arena import Arena
@@ -41,7 +41,7 @@ def run_worker(
 
     arena = Arena.attach(arena_name)
     config = ModelConfig.model_validate(config_data)
-    backend = get_backend(config.backend)()
+    backend = get_batch_backend(config.backend)()
     try:
         backend.load(config, Path(version_dir), Device(device[0], device[1]))  # type: ignore[arg-type]
     except Exception as exc:
