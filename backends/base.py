@@ -33,9 +33,21 @@ class BackendBase:
 
     #: Registered name, used as `backend:` in config.yaml.
     name: str = ""
-    #: File inside a version folder that holds the model, unless the config names another;
-    #: empty for backends that need no file (they get the version folder).
-    default_model_filename: str = ""
+    #: Files a version folder may hold the model in, in order of preference, unless the
+    #: config names one (`default_model_filename`); empty for backends that need no file.
+    model_filenames: tuple[str, ...] = ()
+
+    @classmethod
+    def model_path(cls, config: ModelConfig, version_dir: Path) -> Path:
+        """The model file of a version folder: the config's `default_model_filename`, else the
+        first of `model_filenames` present (else the first, to name in "not found"); the
+        folder itself for backends that need no file."""
+        if config.default_model_filename:
+            return version_dir / config.default_model_filename
+        for filename in cls.model_filenames:
+            if (version_dir / filename).exists():
+                return version_dir / filename
+        return version_dir / cls.model_filenames[0] if cls.model_filenames else version_dir
 
     @classmethod
     def complete_config(cls, config: ModelConfig, model_path: Path) -> ModelConfig:

@@ -129,7 +129,7 @@ class OnnxRuntimeBackend(Backend):
     """Runs `model.onnx` with ONNX Runtime."""
 
     name = "onnxruntime"
-    default_model_filename = "model.onnx"
+    model_filenames = ("model.onnx",)
 
     def __init__(self) -> None:
         self._session: Any = None
@@ -212,7 +212,7 @@ class OnnxRuntimeBackend(Backend):
             providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device.id})]
         else:
             providers = ["CPUExecutionProvider"]
-        path = version_dir / (config.default_model_filename or self.default_model_filename)
+        path = self.model_path(config, version_dir)
         self._session = ort.InferenceSession(str(path), options, providers=providers)
         if device.kind == "gpu" and "CUDAExecutionProvider" not in self._session.get_providers():
             raise RuntimeError(f"onnxruntime could not place the model on CUDA device {device.id}")

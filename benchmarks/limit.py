@@ -41,7 +41,7 @@ def load_backend(repository: Path, name: str) -> Any:
     )
     backend_cls = get_batch_backend(config.backend)
     version_dir = repository / name / "1"
-    config = backend_cls.complete_config(config, version_dir / backend_cls.default_model_filename)
+    config = backend_cls.complete_config(config, backend_cls.model_path(config, version_dir))
     backend = backend_cls()
     backend.load(config, version_dir, Device("cpu"))
     return backend

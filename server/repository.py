@@ -129,10 +129,9 @@ def read_model(model_dir: Path) -> ModelSpec:
         spec.error = "\n".join(problems)
         return spec
     config = config.model_copy(update={"name": model_dir.name})
-    filename = config.default_model_filename or backend.default_model_filename
     for version in selected:
         version_dir = model_dir / str(version)
-        model_file = version_dir / filename if filename else version_dir  # no file: the folder
+        model_file = backend.model_path(config, version_dir)
         if not model_file.exists():
             spec.versions.append(
                 VersionSpec(version, version_dir, None, f"{model_file}: model file not found")
