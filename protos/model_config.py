@@ -177,6 +177,96 @@ class DynamicBatching(_Frozen):
         return self
 
 
+class PipelineStep(_Frozen):
+    """One model call in a pipeline, with how its tensors connect to the pipeline's."""
+
+    model: str = Field(
+        validation_alias=AliasChoices("model", "model_name"), description="Model this step calls."
+    )
+    version: int = Field(
+        -1,
+        ge=-1,
+        validation_alias=AliasChoices("version", "model_version"),
+        description="Version of that model; -1 means its newest ready version at each call.",
+    )
+    inputs: dict[str, str] = Field(
+        validation_alias=AliasChoices("inputs", "input_map"),
+        description="Each input of the step's model -> the pipeline tensor that feeds it "
+        "(a pipeline input or an earlier step's output).",
+    )
+    outputs: dict[str, str] = Field(
+        validation_alias=AliasChoices("outputs", "output_map"),
+        description="Each output of the step's model that is used -> the pipeline tensor it "
+        "becomes (read by later steps, or a pipeline output).",
+    )
+
+
+class Pipeline(_Frozen):
+    """Models called in turn for each request (Triton's ensemble_scheduling)."""
+
+    steps: list[PipelineStep] = Field(
+        min_length=1,
+        validation_alias=AliasChoices("steps", "step"),
+        description="The steps; each runs as soon as the tensors it reads exist.",
+    )
+
+    def order(self) -> list[list[int]]:
+        """Step indexes in waves: each wave reads only pipeline inputs and earlier waves'
+        outputs, so its steps can run at the same time. Raises ValueError on a cycle or a
+        tensor that nothing produces."""
+        produced = {t: i for i, step in enumerate(self.steps) for t in step.outputs.values()}
+        waves: list[list[int]] = []
+        done: set[int] = set()
+        while len(done) < len(self.steps):
+            wave = [
+                i
+                for i, step in enumerate(self.steps)
+                if i not in done
+                and all(produced.get(t) in done or t not in produced for t in step.inputs.values())
+            ]
+            if not wave:
+                stuck = [i + 1 for i in range(len(self.steps)) if i not in done]
+                raise ValueError(
+                    f"steps {stuck} read each other's outputs in a cycle; a step may only read "
+                    "pipeline inputs and outputs of steps that do not depend on it"
+                )
+            waves.append(wave)
+            done.update(wave)
+        return waves
+
+    def produced(self) -> dict[str, tuple[int, str]]:
+        """Pipeline tensor -> (step index, step output) that produces it."""
+        return {
+            tensor: (i, output)
+            for i, step in enumerate(self.steps)
+            for output, tensor in step.outputs.items()
+        }
+
+    def consumed(self) -> dict[str, list[tuple[int, str]]]:
+        """Pipeline tensor -> every (step index, step input) that reads it."""
+        readers: dict[str, list[tuple[int, str]]] = {}
+        for i, step in enumerate(self.steps):
+            for step_input, tensor in step.inputs.items():
+                readers.setdefault(tensor, []).append((i, step_input))
+        return readers
+
+    @model_validator(mode="after")
+    def _connected(self) -> Pipeline:
+        seen: dict[str, int] = {}
+        for i, step in enumerate(self.steps):
+            for tensor in step.outputs.values():
+                if tensor in seen:
+                    raise ValueError(
+                        f"pipeline tensor '{tensor}' is produced by both step {seen[tensor] + 1} "
+                        f"and step {i + 1}; each tensor must have one producer"
+                    )
+                seen[tensor] = i
+            if not step.outputs:
+                raise ValueError(f"step {i + 1} (model '{step.model}') maps no outputs")
+        self.order()
+        return self
+
+
 class ModelConfig(_Frozen):
     """A model's config.yaml. Fields a backend can read from the model file may be omitted."""
 
@@ -207,6 +297,11 @@ class ModelConfig(_Frozen):
     default_model_filename: str = Field(
         "", description="Model file inside each version folder (the backend's default if empty)."
     )
+    pipeline: Pipeline | None = Field(
+        None,
+        validation_alias=AliasChoices("pipeline", "ensemble_scheduling"),
+        description="Makes this model a pipeline of other models instead of a model file.",
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ModelConfig:
@@ -227,6 +322,38 @@ class ModelConfig(_Frozen):
                     f"dynamic_batching.preferred_batch_size {too_big[0]} must be within "
                     f"1..max_batch_size ({self.max_batch_size})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _pipeline_checks(self) -> ModelConfig:
+        if self.pipeline is None:
+            return self
+        if self.backend or self.dynamic_batching:
+            field = "backend" if self.backend else "dynamic_batching"
+            raise ValueError(
+                f"a pipeline has no {field}: its steps' models run and batch the requests"
+            )
+        produced = self.pipeline.produced()
+        inputs = {t.name for t in self.inputs}
+        for name in inputs & produced.keys():
+            raise ValueError(
+                f"pipeline input '{name}' is also produced by step {produced[name][0] + 1}"
+            )
+        if self.inputs:
+            for i, step in enumerate(self.pipeline.steps):
+                for step_input, source in step.inputs.items():
+                    if source not in inputs and source not in produced:
+                        raise ValueError(
+                            f"step {i + 1} (model '{step.model}') reads '{source}' into "
+                            f"'{step_input}', which is neither a pipeline input nor an output "
+                            "of any step"
+                        )
+            unused = sorted(inputs - self.pipeline.consumed().keys())
+            if unused:
+                raise ValueError(f"pipeline input '{unused[0]}' is not read by any step")
+        for output in self.outputs:
+            if output.name not in produced:
+                raise ValueError(f"pipeline output '{output.name}' is not produced by any step")
         return self
 
     @property

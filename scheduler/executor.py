@@ -24,6 +24,7 @@ class Executor(Protocol):
     """What the scheduler asks of every kind of model version it serves."""
 
     key: ModelKey
+    config: ModelConfig
     statistics: ModelStatistics
 
     async def start(self) -> None:
@@ -42,7 +43,7 @@ class ModelExecutor:
     def __init__(self, key: ModelKey, config: ModelConfig, instances: list[Instance]) -> None:
         self.key = key
         self.statistics = ModelStatistics()
-        self._config = config
+        self.config = config
         self._output_order = [t.name for t in config.outputs]
         self._batcher = DynamicBatcher(key, config)
         self._instances = instances
@@ -156,7 +157,7 @@ class ModelExecutor:
         self, requests: list[InferenceRequest], execution: Execution
     ) -> list[InferenceResponse | TiffinError]:
         """Each request's own rows of each output it asked for."""
-        batched = self._config.batching and len(requests) > 1
+        batched = self.config.batching and len(requests) > 1
         total_rows = sum(r.batch_size for r in requests)
         responses: list[InferenceResponse | TiffinError] = []
         row = 0

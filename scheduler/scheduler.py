@@ -15,7 +15,9 @@ from tiffin.protos.tensors import element_count
 from .arena import align
 from .devices import place_instances
 from .executor import Executor, ModelExecutor
+from .forwarding import ForwardingExecutor
 from .instance import InlineInstance, Instance, WorkerInstance
+from .pipeline import PipelineExecutor
 from .request import InferenceRequest, InferenceResponse, ModelKey
 from .statistics import ModelStatistics
 
@@ -61,11 +63,11 @@ class Scheduler:
             await old.stop()
 
     def _create_executor(self, key: ModelKey, config: ModelConfig, version_dir: Path) -> Executor:
-        """The executor kind a config asks for: batching instances, or forwarding."""
+        """The executor kind a config asks for: a pipeline, forwarding, or batching instances."""
+        if config.pipeline is not None:
+            return PipelineExecutor(key, config, self.resolve, self.enqueue)
         backend = get_backend(config.backend)
         if issubclass(backend, ForwardingBackend):
-            from .forwarding import ForwardingExecutor
-
             return ForwardingExecutor(key, config, version_dir, backend)
         placements = place_instances(config.instance_group, key.name)
         size = arena_bytes(config)
@@ -108,6 +110,19 @@ class Scheduler:
                 f"model '{request.model.name}' version {request.model.version} is not loaded"
             )
         return executor.enqueue(request)
+
+    def resolve(self, name: str, version: int = -1) -> tuple[ModelKey, ModelConfig]:
+        """The loaded version of a model (-1: the newest) and its config."""
+        if version == -1:
+            loaded = [k for k in self._executors if k.name == name]
+            if not loaded:
+                raise ModelNotReady(f"model '{name}' has no loaded version")
+            key = max(loaded, key=lambda k: k.version)
+        else:
+            key = ModelKey(name, version)
+            if key not in self._executors:
+                raise ModelNotReady(f"model '{name}' version {version} is not loaded")
+        return key, self._executors[key].config
 
     def statistics(self, key: ModelKey) -> ModelStatistics:
         """A snapshot of the version's statistics (zeros if it was never loaded)."""

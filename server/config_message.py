@@ -44,7 +44,7 @@ def config_message(config: ModelConfig) -> Any:
         msg.version_policy.specific.versions.extend(policy.specific.versions)
     else:
         msg.version_policy.latest.num_versions = policy.latest.num_versions if policy.latest else 1
-    for group in config.instance_group:
+    for group in config.instance_group if config.pipeline is None else []:
         msg.instance_group.add(
             name=group.name,
             count=group.count,
@@ -63,6 +63,14 @@ def config_message(config: ModelConfig) -> Any:
         _queue_policy(target.default_queue_policy, batching.default_queue_policy)
         for level, level_policy in batching.priority_queue_policy.items():
             _queue_policy(target.priority_queue_policy[level], level_policy)
+    if config.pipeline is not None:  # as a Triton ensemble, which perf_analyzer understands
+        for step in config.pipeline.steps:
+            msg.ensemble_scheduling.step.add(
+                model_name=step.model,
+                model_version=step.version,
+                input_map=step.inputs,
+                output_map=step.outputs,
+            )
     for key, value in config.parameters.items():
         msg.parameters[key].string_value = (
             str(value).lower() if isinstance(value, bool) else str(value)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tiffin.protos.errors import InvalidInput, ModelNotFound, ModelNotReady, UnknownModel
+from tiffin.protos.model_config import ModelConfig
 from tiffin.scheduler import ModelKey, Scheduler
 
+from .pipelines import complete_pipeline
 from .repository import ModelSpec, VersionSpec, read_model, read_repository
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,16 @@ class ModelState:
         return sorted(v for v, s in self.versions.items() if s.state == READY)
 
 
+def _step_models(spec: ModelSpec) -> set[str]:
+    """The models a pipeline's steps call (empty for other models)."""
+    return {
+        step.model
+        for v in spec.versions
+        if v.config and v.config.pipeline
+        for step in v.config.pipeline.steps
+    }
+
+
 class ModelManager:
     """Owns the repository's models and their states.
 
@@ -51,9 +63,18 @@ class ModelManager:
         self._models: dict[str, ModelState] = {}
 
     async def load_all(self) -> None:
-        """Reads the repository and loads every model, several at once."""
+        """Reads the repository and loads every model, several at once; pipelines after the
+        models their steps call."""
         specs = await asyncio.to_thread(read_repository, self.repository)
-        await asyncio.gather(*(self._load(spec) for spec in specs))
+        pending = {s.name: s for s in specs if _step_models(s)}
+        await asyncio.gather(*(self._load(s) for s in specs if s.name not in pending))
+        while pending:
+            ready = [s for s in pending.values() if not (_step_models(s) & pending.keys())]
+            # A cycle of pipelines: load them anyway, each then reports its missing steps.
+            batch = ready or list(pending.values())
+            for spec in batch:
+                del pending[spec.name]
+            await asyncio.gather(*(self._load(s) for s in batch))
 
     async def load(self, name: str) -> None:
         """(Re)reads one model folder and loads it; the old versions go after the new are up."""
@@ -156,18 +177,41 @@ class ModelManager:
                     await self._scheduler.unload(ModelKey(spec.name, number))
 
     async def _load_version(self, name: str, spec: VersionSpec) -> VersionState:
-        assert spec.config is not None
+        config = spec.config
+        assert config is not None
         key = ModelKey(name, spec.version)
         try:
-            await self._scheduler.load(key, spec.config, spec.path)
+            if config.pipeline is not None:
+                config = complete_pipeline(config, self._step_configs(spec))
+                spec = replace(spec, config=config)
+            await self._scheduler.load(key, config, spec.path)
         except Exception as exc:  # any failure to load makes only this version unavailable
             reason = f"failed to load: {exc}"
             log.error("model '%s' version %d is UNAVAILABLE: %s", name, spec.version, reason)
             return VersionState(spec, UNAVAILABLE, reason)
-        log.info(
-            "model '%s' version %d is READY (backend %s)", name, spec.version, spec.config.backend
-        )
+        kind = f"backend {config.backend}" if config.backend else "pipeline"
+        log.info("model '%s' version %d is READY (%s)", name, spec.version, kind)
         return VersionState(spec, READY)
+
+    def _step_configs(self, spec: VersionSpec) -> dict[int, ModelConfig]:
+        """The config of the model version each pipeline step calls; ValueError if not ready."""
+        assert spec.config is not None and spec.config.pipeline is not None
+        configs = {}
+        for i, step in enumerate(spec.config.pipeline.steps):
+            state = self._models.get(step.model)
+            ready = state.ready_versions() if state else []
+            version = ready[-1] if step.version == -1 and ready else step.version
+            if version not in ready:
+                which = "no ready version" if step.version == -1 else f"no ready version {version}"
+                raise ValueError(
+                    f"step {i + 1} calls model '{step.model}', which has {which}"
+                    + (f" ({state.error})" if state and state.error else "")
+                )
+            assert state is not None
+            step_config = state.versions[version].spec.config
+            assert step_config is not None
+            configs[i] = step_config
+        return configs
 
     async def _retire(self, state: ModelState, reason: str) -> None:
         unloading = {

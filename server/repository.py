@@ -105,6 +105,8 @@ def read_model(model_dir: Path) -> ModelSpec:
             f"'{model_dir.name}'"
         )
     available = _version_folders(model_dir)
+    if config.pipeline is not None:
+        return _read_pipeline(spec, config, available, problems)
     if not available:
         problems.append(
             f"{model_dir}: no version folders; put the model file in a numbered folder "
@@ -155,6 +157,26 @@ def read_model(model_dir: Path) -> ModelSpec:
             )
             continue
         spec.versions.append(VersionSpec(version, version_dir, completed))
+    return spec
+
+
+def _read_pipeline(
+    spec: ModelSpec, config: ModelConfig, available: list[int], problems: list[str]
+) -> ModelSpec:
+    """A pipeline has no model file; without version folders it is version 1. Whether its
+    steps connect is checked when it loads, against its step models' configs."""
+    config_file = spec.path / CONFIG_FILE
+    selected = config.version_policy.select(available) if available else [1]
+    if available and not selected:
+        problems.append(
+            f"{config_file}: version_policy: selects none of the versions found "
+            f"({', '.join(map(str, available))})"
+        )
+    if problems:
+        spec.error = "\n".join(problems)
+        return spec
+    config = config.model_copy(update={"name": spec.name, "platform": "ensemble"})
+    spec.versions = [VersionSpec(v, spec.path / str(v), config) for v in selected]
     return spec
 
 

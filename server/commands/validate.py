@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..repository import read_repository
+from ..pipelines import complete_pipeline
+from ..repository import ModelSpec, read_repository
 
 HELP = "Check every model in a repository offline; exit status 1 if any problem is found."
 
@@ -22,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     problems = 0
     for spec in specs:
-        found = spec.problems
+        found = spec.problems + _pipeline_problems(spec, specs)
         if not found:
             versions = ", ".join(str(v.version) for v in spec.versions)
             print(f"ok      {spec.name} (version {versions})")
@@ -37,3 +38,31 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"{len(specs)} model(s), {problems} problem(s)")
     return 1 if problems else 0
+
+
+def _pipeline_problems(spec: ModelSpec, specs: list[ModelSpec]) -> list[str]:
+    """Whether a pipeline's steps connect, judged from the step models' files on disk."""
+    by_name = {s.name: s for s in specs}
+    problems = []
+    for version in spec.versions:
+        config = version.config
+        if config is None or config.pipeline is None:
+            continue
+        steps = {}
+        for i, step in enumerate(config.pipeline.steps):
+            step_versions = by_name[step.model].versions if step.model in by_name else []
+            usable = {v.version: v.config for v in step_versions if v.config}
+            number = max(usable, default=None) if step.version == -1 else step.version
+            if number not in usable:
+                problems.append(
+                    f"{spec.path / 'config.yaml'}: pipeline.steps[{i}]: model '{step.model}' "
+                    f"has no usable version{'' if step.version == -1 else f' {step.version}'}"
+                )
+                break
+            steps[i] = usable[number]
+        else:
+            try:
+                complete_pipeline(config, steps)
+            except ValueError as exc:
+                problems.append(f"{spec.path / 'config.yaml'}: pipeline: {exc}")
+    return problems
