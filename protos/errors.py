@@ -90,3 +90,12 @@ class ConfigError(TiffinError):
     """A model configuration problem: file, field path and what was expected."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class RemoteError(TiffinError):
+    """A remote server answered an error (triton passthrough backend): the caller gets the
+    remote's own status code and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
