@@ -7,6 +7,7 @@ it (CI) skip these tests.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -128,3 +129,27 @@ def test_perf_analyzer_rejects_batch_on_unbatched_model(perf_analyzer: Path, mak
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert "does not support batching" in output, output
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 90)
+def test_perf_analyzer_runs_against_pipeline(perf_analyzer: Path, make_server, tmp_path: Path):
+    """A pipeline looks like a Triton ensemble: perf_analyzer reads each step's ModelConfig
+    and the statistics of every model, and the JSON text goes in as given."""
+    record = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+    data = tmp_path / "input.json"
+    data.write_text(
+        json.dumps({"data": [{"json": {"content": [json.dumps(record)], "shape": [1]}}]})
+    )
+    server = make_server(EXAMPLES)
+    result = run_perf_analyzer(
+        perf_analyzer, server.url, "-m", "classify_json", "--input-data", str(data)
+    )
+    output = result.stdout + result.stderr
+    context = (
+        f"perf_analyzer exited {result.returncode}:\n{output}\n--- server log ---\n{server.log()}"
+    )
+    assert result.returncode == 0, context
+    match = THROUGHPUT.search(output)
+    assert match and float(match.group(1)) > 0, context
+    # The ensemble's composing models are listed in the server-side block.
+    assert "parse_measurements" in output and "top_labels" in output, context
