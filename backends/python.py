@@ -46,7 +46,8 @@ of model.py, when the module is first imported: the folder is on `sys.path` only
 is being imported, and sibling modules found that way are then taken out of `sys.modules`'
 global names. So two models or versions in one process (inline instances) each get their own
 `helpers`, and a plain import of a sibling inside a function, at infer time, does not find it:
-import siblings at the top of model.py, or relatively.
+import siblings at the top of model.py, or relatively. Give siblings names unlike the standard
+library's (a plain `import json` keeps meaning the standard library's json).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ import importlib.util
 import inspect
 import itertools
 import logging
+import os
 import re
 import sys
 import traceback
@@ -111,22 +113,22 @@ def describe_exception(exc: BaseException, version_dir: Path) -> str:
 
 
 def _sibling_names(version_dir: Path, model_file: Path) -> set[str]:
-    """Top-level module names that a plain import could find in the version folder."""
+    """Top-level module names that a plain import could find in the version folder, but for
+    standard-library names: hiding those while model.py runs would hand the sibling to every
+    library imported meanwhile."""
     names = set()
     for path in version_dir.iterdir():
         if path.suffix == ".py" and path.name != model_file.name and path.stem.isidentifier():
             names.add(path.stem)
         elif path.is_dir() and path.name.isidentifier() and any(path.glob("*.py")):
             names.add(path.name)
-    return names
+    return names - set(sys.stdlib_module_names)
 
 
-def _is_inside(module: ModuleType, folder: Path) -> bool:
+def _is_inside(module: ModuleType, folder: str) -> bool:
+    """Whether a module was loaded from `folder` (a resolved path, as put on the path)."""
     places = [getattr(module, "__file__", None), *list(getattr(module, "__path__", []))]
-    for place in places:
-        if place and Path(place).resolve().is_relative_to(folder):
-            return True
-    return False
+    return any(isinstance(p, str) and p.startswith(folder + os.sep) for p in places)
 
 
 def _private_name(config: ModelConfig, version_dir: Path) -> str:
@@ -158,6 +160,7 @@ def import_model_file(package: str, model_file: Path) -> ModuleType:
     # Another model's (or a library's) module of a sibling's name must not answer this
     # folder's plain imports; it is put back afterwards.
     hidden = {n: sys.modules.pop(n) for n in list(sys.modules) if n.split(".")[0] in siblings}
+    before = set(sys.modules)
     folder = str(version_dir)
     sys.path.insert(0, folder)
     importlib.invalidate_caches()  # files written since the last import must be seen
@@ -166,8 +169,8 @@ def import_model_file(package: str, model_file: Path) -> ModuleType:
     finally:
         if folder in sys.path:
             sys.path.remove(folder)
-        for found in [n for n in list(sys.modules) if n.split(".")[0] in siblings]:
-            if _is_inside(sys.modules[found], version_dir):
+        for found in set(sys.modules) - before:
+            if not found.startswith(package + ".") and _is_inside(sys.modules[found], folder):
                 # Kept under the private package too, so `from . import x` gets the same module.
                 sys.modules.setdefault(f"{package}.{found}", sys.modules.pop(found))
         sys.modules.update(hidden)

@@ -370,6 +370,7 @@ def test_concurrent_requests_are_batched_and_get_their_own_rows(served, local):
 
 def test_user_exception_fails_only_the_bad_request(served):
     texts = ['{"values": [1]}', '{"values": [2]}', '{"values": [3', '{"values": [4]}']
+    failures_logged = served.server.log().count("TextToVec.infer failed")
     outcomes = burst(served.client, texts)
     for i in (0, 1, 3):
         result = outcomes[i]
@@ -381,6 +382,8 @@ def test_user_exception_fails_only_the_bad_request(served):
     assert "ValueError: request text is not valid JSON" in error.message()
     assert "features.py, line" in error.message()  # where in the user's code
     assert "model 'text_to_vec' version 1 failed" in error.message()
+    # The bad request failed twice: in the batch it came with, then when run alone.
+    assert served.server.log().count("TextToVec.infer failed") - failures_logged == 2
 
 
 def test_two_versions_serve_side_by_side(served):
