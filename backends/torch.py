@@ -23,8 +23,16 @@ program: input datatypes and dims (dynamic dims as -1), outputs named by their d
 else OUTPUT__0, OUTPUT__1, ... (Triton's libtorch convention), and max_batch_size: a program
 whose every input and output has the same dynamic first dimension batches, with
 max_batch_size DEFAULT_MAX_BATCH_SIZE (or the dimension's exported upper bound if lower).
+The first dimension must start at 0 or 1 (`torch.export.Dim("batch", min=1)`). What the config
+declares is checked against the program: names, datatypes, and dims (fixed sizes must agree).
 TorchScript modules and AOTInductor packages record no shapes: their config must declare
-inputs and outputs, and max_batch_size defaults to 0.
+inputs and outputs, and max_batch_size defaults to 0; TorchScript names are still checked
+against the forward's arguments.
+
+Datatypes: BOOL, UINT8..64, INT8..64, FP16, FP32, FP64 and BF16 (as 16-bit words) cross
+without conversion; BYTES has no torch tensor and is refused. An output may be declared with
+another floating-point datatype than the model returns (FP32 for a bfloat16 or autocast
+output): it is converted.
 """
 
 from __future__ import annotations
@@ -297,10 +305,10 @@ def _dims(shape: Any) -> list[int]:
 
 def _bound(value: Any) -> int | None:
     """A finite range bound as an int; None for infinity."""
-    try:
-        return int(value) if bool(getattr(value, "is_finite", True)) else None
-    except (TypeError, ValueError, OverflowError):
-        return None
+    if isinstance(value, int):
+        return value
+    # sympy integers; torch's int_oo is no Integer (and claims to be finite)
+    return int(value) if getattr(value, "is_Integer", False) else None
 
 
 def _export_batch(torch: Any, program: Any, tensors: list[tuple[str, Any]]) -> _Batch:
@@ -338,8 +346,8 @@ def _export_signature(torch: Any, program: Any) -> _Signature:
     signature = program.graph_signature
     user_inputs = [s for s in signature.input_specs if s.kind == InputKind.USER_INPUT]
     positional, keywords = _input_layout(program.call_spec.in_spec)
-    forward_names = program.module_call_graph[0].signature
-    forward_names = forward_names.forward_arg_names if forward_names is not None else None
+    call_signature = program.module_call_graph[0].signature
+    forward_names = call_signature.forward_arg_names if call_signature is not None else None
     if forward_names and len(forward_names) >= positional:
         names = list(forward_names[:positional]) + keywords
     else:  # placeholders are named after the arguments
@@ -782,13 +790,14 @@ class TorchBackend(Backend):
             return dict(zip(names, result, strict=True))
         if not isinstance(result, dict):
             raise ValueError(f"the model returned a {type(result).__name__}, not a dict")
-        missing = [n for n in requested if n not in result]
+        by_key = {str(k): v for k, v in result.items()}
+        missing = [n for n in requested if n not in by_key]
         if missing:
             raise ValueError(
                 f"the dict the model returned has no key {', '.join(missing)} "
-                f"(its keys: {', '.join(map(str, result))})"
+                f"(its keys: {', '.join(by_key)})"
             )
-        return result
+        return by_key
 
     def _array(self, name: str, value: Any) -> np.ndarray:
         """One output as a numpy array of its declared datatype: the same memory on the CPU

@@ -22,7 +22,11 @@ from tiffin.protos.datatypes import DATATYPES
 from tiffin.protos.model_config import ModelConfig
 
 # TorchScript is deprecated upstream; these tests still build TorchScript files to serve.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    # torch's own pytree use inside aoti_compile_and_package
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
+]
 
 RNG = np.random.default_rng(7)
 
@@ -74,13 +78,16 @@ def seeded(cls: Callable[[], nn.Module]) -> nn.Module:
 
 
 def save_export(
-    module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, max_batch: int | None = 64
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: Path,
+    batch: tuple[int, int | None] | None = (0, None),
 ) -> Path:
-    """torch.export with a dynamic first dimension on every input (none if max_batch is None)."""
+    """torch.export with a dynamic first dimension (min, max) on every input; None: static."""
     dynamic = None
-    if max_batch is not None:
-        batch = torch.export.Dim("batch", min=1, max=max_batch)
-        dynamic = tuple({0: batch} for _ in example)
+    if batch is not None:
+        dim = torch.export.Dim("batch", min=batch[0], max=batch[1])
+        dynamic = tuple({0: dim} for _ in example)
     torch.export.save(torch.export.export(module, example, dynamic_shapes=dynamic), path)
     return path
 
@@ -375,7 +382,7 @@ def test_formats_told_apart_by_contents(files, tmp_path):
 
 
 def test_export_dims_and_batch_completed(tmp_path):
-    bounded = save_export(seeded(Mlp), (torch.randn(2, 8),), tmp_path / "bounded.pt2", 3)
+    bounded = save_export(seeded(Mlp), (torch.randn(2, 8),), tmp_path / "bounded.pt2", (1, 3))
     config = complete(bounded)
     assert config.max_batch_size == 3  # the exported upper bound, below the default
     assert [(t.name, t.datatype, t.dims) for t in config.inputs] == [("features", "FP32", [8])]
@@ -389,6 +396,10 @@ def test_export_dims_and_batch_completed(tmp_path):
     assert [t.dims for t in config.inputs + config.outputs] == [[2, 8], [2, 3]]
     with pytest.raises(ValueError, match="features, OUTPUT__0 of the program have no dynamic"):
         complete(fixed, "max_batch_size: 4")
+    from_two = save_export(seeded(Mlp), (torch.randn(2, 8),), tmp_path / "two.pt2", (2, 64))
+    assert complete(from_two).max_batch_size == 0  # a batch of one would not run
+    with pytest.raises(ValueError, match="first dimension starts at 2"):
+        complete(from_two, "max_batch_size: 4")
 
 
 def test_bytes_and_nested_outputs_refused(files, tmp_path):
@@ -468,3 +479,89 @@ def test_gpu_instance_refused_without_cuda(files, tmp_path):
     config = complete(version_dir / "model.pt2")
     with pytest.raises(RuntimeError, match=r"torch.cuda.is_available\(\) is false"):
         TorchBackend().load(config, version_dir, Device("gpu", 0))
+
+
+# --- AOTInductor (compiles C++: the slowest fixture here) --------------------------------
+
+AOTI_IO = f"""max_batch_size: 8
+inputs: [{{name: features, {F32}, dims: [8]}}]
+outputs: [{{name: scores, {F32}, dims: [3]}}]
+"""
+AOTI_MODELS = {
+    "aoti": (AOTI_IO + "dynamic_batching: {}\n" + CPU),
+    "aoti_inline": (AOTI_IO + INLINE),
+    "bad_aoti_inputs": (
+        AOTI_IO.replace("inputs: [", f"inputs: [{{name: extra, {F32}, dims: [8]}}, ") + INLINE
+    ),
+    "bad_aoti_autocast": (AOTI_IO + "parameters: {autocast: float16}\n"),
+    "bad_aoti_undeclared": "max_batch_size: 8\n",
+}
+AOTI_BROKEN = {
+    "bad_aoti_inputs": "failed to load: the AOTInductor package's forward takes 1 "
+    "positional tensor(s), which take the config inputs in declared order, but config.yaml "
+    "declares 2 (extra, features)",
+    "bad_aoti_autocast": "parameters.autocast has no effect on an AOTInductor package",
+    "bad_aoti_undeclared": "model.pt2 is an AOTInductor package, which records no tensor shapes",
+}
+
+
+@pytest.fixture(scope="module")
+def aoti_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("aoti") / "mlp.pt2"
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(seeded(Mlp), (torch.randn(2, 8),), dynamic_shapes=({0: batch},))
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def aoti_client(aoti_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    repo = tmp_path_factory.mktemp("aoti_repo")
+    for name, config in AOTI_MODELS.items():
+        add_model(repo, name, config, aoti_package)
+    process = ServerProcess(repo)
+    yield tc.InferenceServerClient(process.url)
+    assert process.stop() == 0, process.log()
+
+
+def test_aoti_package_served_in_a_worker_and_inline(aoti_client, aoti_package, files):
+    assert model_format(aoti_package) == "aoti"
+    compiled = torch._inductor.aoti_load_package(str(aoti_package))
+    eager = exported(files["mlp.pt2"])  # the same seed and graph, not compiled
+    x = features(5, 8)
+    expected = run(compiled, x)
+    np.testing.assert_allclose(expected, run(eager, x), rtol=1e-4, atol=1e-5)
+    for name in ("aoti", "aoti_inline"):
+        result = aoti_client.infer(name, [tensor_input("features", x)])
+        np.testing.assert_allclose(result.as_numpy("scores"), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_aoti_mismatch_is_the_reason(aoti_client):
+    index = {m.name: m for m in aoti_client.get_model_repository_index().models}
+    for name, reason in AOTI_BROKEN.items():
+        assert index[name].state == "UNAVAILABLE"
+        assert reason in index[name].reason, index[name].reason
+
+
+# --- GPU -----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_export_on_gpu_matches_cpu(make_server, files, tmp_path):
+    repo = tmp_path / "models"
+    add_model(repo, "mlp", "instance_group: [{kind: gpu, count: 1}]\n", files["mlp.pt2"])
+    add_model(
+        repo,
+        "mlp_half",
+        "parameters: {autocast: float16}\ninstance_group: [{kind: gpu}]\n",
+        files["mlp.pt2"],
+    )
+    client = tc.InferenceServerClient(make_server(repo).url)
+    x = features(4, 8)
+    module = exported(files["mlp.pt2"])
+    result = client.infer("mlp", [tensor_input("features", x)])
+    np.testing.assert_allclose(result.as_numpy("OUTPUT__0"), run(module, x), rtol=1e-4, atol=1e-5)
+    half = client.infer("mlp_half", [tensor_input("features", x)]).as_numpy("OUTPUT__0")
+    assert half.dtype == np.float32
+    np.testing.assert_allclose(half, run(module, x), rtol=1e-2, atol=1e-2)
