@@ -491,40 +491,32 @@ def _complete_export(config: ModelConfig, signature: _Signature) -> ModelConfig:
             f"{batch.upper}"
         )
     batching = max_batch > 0
+    found = {a.name: a.tensor for a in signature.arguments if a.tensor is not None}
     if config.inputs:
         _check_inputs(config.inputs, signature.arguments)
-    found_inputs = {a.name: a.tensor for a in signature.arguments if a.tensor is not None}
-    if config.inputs:
+        for t in config.inputs:
+            if t.optional:
+                raise ValueError(
+                    f"config input '{t.name}' is optional, but a torch.export program takes "
+                    "every input on every call"
+                )
         inputs = [
-            _complete_tensor(t, found_inputs[t.name], batching, "input", False)
-            for t in config.inputs
+            _complete_tensor(t, found[t.name], batching, "input", False) for t in config.inputs
         ]
     else:
-        inputs = [
-            _complete_tensor(None, t, batching, "input", False) for t in found_inputs.values()
-        ]
+        inputs = [_complete_tensor(None, t, batching, "input", False) for t in found.values()]
     returns = signature.returns
     if config.outputs:
         _check_outputs(config.outputs, returns)
-    found_outputs = {t.name: t for t in returns.tensors}
-    if not config.outputs:
+        by_key = {t.name: t for t in returns.tensors}
+        pairs = (
+            [(t, by_key[t.name]) for t in config.outputs]  # a dict: by key
+            if returns.kind == "dict"
+            else list(zip(config.outputs, returns.tensors, strict=True))  # by position
+        )
+        outputs = [_complete_tensor(t, f, batching, "output", True) for t, f in pairs]
+    else:
         outputs = [_complete_tensor(None, t, batching, "output", True) for t in returns.tensors]
-    elif returns.kind == "dict":  # by key
-        outputs = [
-            _complete_tensor(t, found_outputs[t.name], batching, "output", True)
-            for t in config.outputs
-        ]
-    else:  # by position
-        outputs = [
-            _complete_tensor(t, found, batching, "output", True)
-            for t, found in zip(config.outputs, returns.tensors, strict=True)
-        ]
-    for t in inputs:
-        if t.optional:
-            raise ValueError(
-                f"config input '{t.name}' is optional, but a torch.export program takes every "
-                "input on every call"
-            )
     return config.model_copy(
         update={"max_batch_size": max_batch, "inputs": inputs, "outputs": outputs}
     )
@@ -630,6 +622,9 @@ class TorchBackend(Backend):
 
     @classmethod
     def complete_config(cls, config: ModelConfig, model_path: Path) -> ModelConfig:
+        """Fills what a torch.export program records (see the module docstring) and checks the
+        config against the file; TorchScript and AOTInductor configs must declare their
+        tensors. Raises ValueError naming both sides of a mismatch."""
         fmt = model_format(model_path)
         _settings(config, fmt)
         for t in [*config.inputs, *config.outputs]:
@@ -649,6 +644,8 @@ class TorchBackend(Backend):
             return completed.model_copy(update=update)
         kind = "a TorchScript module" if fmt == "torchscript" else "an AOTInductor package"
         if fmt == "torchscript":
+            # Loading reads the weights too (no lighter way to the forward's signature), but
+            # it is quick, and mismatches then show at repository read, not at first load.
             module = _load_torchscript(torch, model_path, "cpu")
             signature = _torchscript_signature(torch, module)
             takes = ", ".join(a.name for a in signature.arguments)
@@ -671,6 +668,8 @@ class TorchBackend(Backend):
         return config.model_copy(update={**update, "max_batch_size": config.max_batch_size or 0})
 
     def load(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
+        """Loads the model onto the CPU or `cuda:<id>` and checks its signature against the
+        config once more (AOTInductor packages are only checked here)."""
         torch = self._torch = _import_torch()
         path = self.model_path(config, version_dir)
         fmt = model_format(path)
@@ -688,6 +687,7 @@ class TorchBackend(Backend):
         elif fmt == "export":
             from torch.export.passes import move_to_device_pass
 
+            # Also rewrites devices burnt into the graph (a program exported on another device).
             program = move_to_device_pass(_load_program(torch, path), self._device)
             signature = _export_signature(torch, program)
             _check_inputs(config.inputs, signature.arguments)
@@ -741,6 +741,8 @@ class TorchBackend(Backend):
         return module, _Signature(arguments, _returns_from_spec(out_spec))
 
     def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        """Runs one batch in inference mode (under autocast if configured), inputs passed by
+        name, outputs named as config.yaml declares them."""
         torch = self._torch
         tensors = {name: self._tensor(name, array) for name, array in inputs.items()}
         missing = [n for n in self._positional if n not in tensors]
