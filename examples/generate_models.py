@@ -1,4 +1,4 @@
-"""Writes the example model repository's ONNX files, reproducibly (fixed seeds, no downloads).
+"""Writes the example model repository's model files, reproducibly (fixed seeds, no downloads).
 
     python examples/generate_models.py [OUTPUT_DIR]   # default: examples/model_repository
 
@@ -7,7 +7,9 @@ Models:
               only in their seeded weights. Batches up to 8 (dynamic batching).
   add_sub     INT32 INPUT0[16], INPUT1[16] -> OUTPUT0 = sum, OUTPUT1 = difference.
   uppercase   BYTES text[-1] -> the same strings in upper case (no batch dimension).
-The config.yaml files beside them are written by hand and committed.
+  classifier_torch  the same network and weights as classifier version 1, written by PyTorch
+              as a torch.export program (model.pt2); needs torch.
+The config.yaml files (and the python models' model.py) beside them are written by hand.
 """
 
 from __future__ import annotations
@@ -34,12 +36,18 @@ def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
     return model
 
 
-def classifier(seed: int) -> onnx.ModelProto:
+def classifier_weights(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """w1 [4, 8], b1 [8], w2 [8, 3], b2 [3]: features @ w1 + b1 -> relu -> @ w2 + b2."""
     rng = np.random.default_rng(seed)
     w1 = rng.standard_normal((4, 8)).astype(np.float32)
     b1 = rng.standard_normal(8).astype(np.float32)
     w2 = rng.standard_normal((8, 3)).astype(np.float32)
     b2 = rng.standard_normal(3).astype(np.float32)
+    return w1, b1, w2, b2
+
+
+def classifier(seed: int) -> onnx.ModelProto:
+    w1, b1, w2, b2 = classifier_weights(seed)
     nodes = [
         helper.make_node("Gemm", ["features", "w1", "b1"], ["h"]),
         helper.make_node("Relu", ["h"], ["h_relu"]),
@@ -92,6 +100,46 @@ def uppercase() -> onnx.ModelProto:
     return _model(graph)
 
 
+def classifier_torch() -> bytes:
+    """classifier version 1 as a torch.export program with a dynamic batch dimension."""
+    import io
+
+    import torch
+
+    w1, b1, w2, b2 = classifier_weights(seed=1)
+
+    class Classifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden = torch.nn.Linear(4, 8)
+            self.out = torch.nn.Linear(8, 3)
+            with torch.no_grad():
+                self.hidden.weight.copy_(torch.from_numpy(w1.T.copy()))
+                self.hidden.bias.copy_(torch.from_numpy(b1))
+                self.out.weight.copy_(torch.from_numpy(w2.T.copy()))
+                self.out.bias.copy_(torch.from_numpy(b2))
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.out(torch.relu(self.hidden(features))), dim=-1)
+
+    # The program records the module's import path; keep it the same however this file is run.
+    Classifier.__module__, Classifier.__qualname__ = "tiffin_examples", "Classifier"
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(
+        Classifier().eval(), (torch.zeros(2, 4),), dynamic_shapes={"features": {0: batch}}
+    )
+    for node in program.graph_module.graph.nodes:
+        node.meta.pop("stack_trace", None)  # holds this machine's file paths
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def example_programs() -> dict[str, bytes]:
+    """Path inside the repository -> file bytes of the models written by PyTorch."""
+    return {"classifier_torch/1/model.pt2": classifier_torch()}
+
+
 def example_models() -> dict[str, onnx.ModelProto]:
     """Path inside the repository -> model."""
     return {
@@ -108,6 +156,11 @@ def main(argv: list[str]) -> int:
         path = out / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(model, path)
+        print(f"wrote {path}")
+    for relative, data in example_programs().items():
+        path = out / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
         print(f"wrote {path}")
     return 0
 
