@@ -256,6 +256,10 @@ def test_repository_index(client):
         ("classifier", "1", "READY"),
         ("classifier", "2", "READY"),
         ("uppercase", "1", "READY"),
+        ("classifier_torch", "1", "READY"),
+        ("parse_measurements", "1", "READY"),
+        ("top_labels", "1", "READY"),
+        ("classify_json", "1", "READY"),
     }
 
 
