@@ -365,7 +365,9 @@ class TritonBackend(ForwardingBackend):
         return config.model_copy(
             update={
                 "backend": cls.name,
-                "platform": config.platform or metadata.platform,
+                # Not "ensemble": here it is one model, and tools would look for its steps.
+                "platform": config.platform
+                or ("" if metadata.platform == "ensemble" else metadata.platform),
                 "max_batch_size": max_batch,
                 "inputs": _complete_tensors(config.inputs, inputs, "input", settings.url),
                 "outputs": _complete_tensors(config.outputs, outputs, "output", settings.url),
