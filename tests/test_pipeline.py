@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
 import textwrap
@@ -73,6 +74,21 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root.mkdir()
     (root / "add_sub").symlink_to(EXAMPLES / "add_sub")
     write_model(root, "twice", TWICE, version=False)
+    # A pipeline whose step is a pipeline: it must load after "twice", whatever the order.
+    write_model(
+        root,
+        "a_quadruple",
+        """
+        pipeline:
+          steps:
+            - model: twice
+              inputs: {a: x, b: y}
+              outputs: {twice_a: x2, twice_b: y2}
+            - model: twice
+              inputs: {a: x2, b: y2}
+              outputs: {twice_a: x4}
+        """,
+    )
     write_model(root, "echo", TOY.format(cls="Echo"))
     write_model(root, "fail", TOY.format(cls="Fail"))
     write_model(root, "checked", CHECKED)
@@ -237,6 +253,7 @@ def test_validate_reports_pipeline_problems(repository: Path) -> None:
     )
     assert result.returncode == 1, result.stdout
     assert "ok      twice (version 1)" in result.stdout
+    assert "ok      a_quadruple (version 1)" in result.stdout  # its step is a pipeline
     assert "pipeline.steps[0]: model 'no_such_model' has no usable version" in result.stdout
     assert "input 'INPUT0' is FP32, but it reads 's', which is INT32" in result.stdout
 
@@ -283,3 +300,38 @@ def test_unloaded_step_model_makes_calls_unavailable(
     finally:
         client.load_model("fail")
     assert client.infer("checked", [request]).as_numpy("y").tolist() == [[1.0, 1.0]]
+
+
+def test_a_pipeline_can_call_a_pipeline(client: grpcclient.InferenceServerClient) -> None:
+    x = np.arange(16, dtype=np.int32).reshape(1, 16)
+    inputs = [
+        grpcclient.InferInput("x", [1, 16], "INT32"),
+        grpcclient.InferInput("y", [1, 16], "INT32"),
+    ]
+    inputs[0].set_data_from_numpy(x)
+    inputs[1].set_data_from_numpy(-x)
+    result = client.infer("a_quadruple", inputs)
+    np.testing.assert_array_equal(result.as_numpy("x4"), 4 * x)
+
+
+def test_streaming_through_a_pipeline_answers_in_order(server: ServerProcess) -> None:
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.url)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for i in range(12):
+            a = np.full((1, 16), i, dtype=np.int32)
+            inputs = [
+                grpcclient.InferInput("a", [1, 16], "INT32"),
+                grpcclient.InferInput("b", [1, 16], "INT32"),
+            ]
+            inputs[0].set_data_from_numpy(a)
+            inputs[1].set_data_from_numpy(a)
+            client.async_stream_infer("twice", inputs, request_id=str(i))
+        for i in range(12):
+            result, error = answers.get(timeout=30)
+            assert error is None, error
+            assert result.get_response().id == str(i)
+            np.testing.assert_array_equal(result.as_numpy("twice_a"), np.full((1, 16), 2 * i))
+    finally:
+        client.stop_stream()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tiffin.protos.model_config import ModelConfig
+
 from ..pipelines import complete_pipeline
 from ..repository import ModelSpec, read_repository
 
@@ -45,24 +47,39 @@ def _pipeline_problems(spec: ModelSpec, specs: list[ModelSpec]) -> list[str]:
     by_name = {s.name: s for s in specs}
     problems = []
     for version in spec.versions:
-        config = version.config
-        if config is None or config.pipeline is None:
-            continue
-        steps = {}
-        for i, step in enumerate(config.pipeline.steps):
-            step_versions = by_name[step.model].versions if step.model in by_name else []
-            usable = {v.version: v.config for v in step_versions if v.config}
-            number = max(usable, default=None) if step.version == -1 else step.version
-            if number not in usable:
-                problems.append(
-                    f"{spec.path / 'config.yaml'}: pipeline.steps[{i}]: model '{step.model}' "
-                    f"has no usable version{'' if step.version == -1 else f' {step.version}'}"
-                )
-                break
-            steps[i] = usable[number]
-        else:
+        if version.config is not None and version.config.pipeline is not None:
             try:
-                complete_pipeline(config, steps)
+                _complete(version.config, by_name, visiting={spec.name})
             except ValueError as exc:
-                problems.append(f"{spec.path / 'config.yaml'}: pipeline: {exc}")
+                problems.append(f"{spec.path / 'config.yaml'}: {exc}")
     return problems
+
+
+def _complete(
+    config: ModelConfig, by_name: dict[str, ModelSpec], visiting: set[str]
+) -> ModelConfig:
+    """A pipeline's config completed from its step models' (pipelines among them completed
+    first); ValueError naming the field when that cannot be done."""
+    assert config.pipeline is not None
+    steps = {}
+    for i, step in enumerate(config.pipeline.steps):
+        step_versions = by_name[step.model].versions if step.model in by_name else []
+        usable = {v.version: v.config for v in step_versions if v.config}
+        number = max(usable, default=None) if step.version == -1 else step.version
+        if number not in usable or step.model in visiting:
+            which = "" if step.version == -1 else f" {step.version}"
+            why = (
+                "calls back into this pipeline"
+                if step.model in visiting
+                else f"has no usable version{which}"
+            )
+            raise ValueError(f"pipeline.steps[{i}]: model '{step.model}' {why}")
+        step_config = usable[number]
+        assert step_config is not None
+        if step_config.pipeline is not None:
+            step_config = _complete(step_config, by_name, visiting | {step.model})
+        steps[i] = step_config
+    try:
+        return complete_pipeline(config, steps)
+    except ValueError as exc:
+        raise ValueError(f"pipeline: {exc}") from None
