@@ -90,7 +90,10 @@ class InlineInstance:
 
     async def load(self) -> None:
         backend = get_batch_backend(self._config.backend)()
-        backend.load(self._config, self._version_dir, self.device)
+        try:
+            backend.load(self._config, self._version_dir, self.device)
+        except Exception as exc:  # worded as a worker's load failure is (see worker.py)
+            raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
         self._backend = backend
 
     async def wait_alive(self) -> None:

@@ -497,7 +497,7 @@ AOTI_MODELS = {
     "bad_aoti_undeclared": "max_batch_size: 8\n",
 }
 AOTI_BROKEN = {
-    "bad_aoti_inputs": "failed to load: the AOTInductor package's forward takes 1 "
+    "bad_aoti_inputs": "failed to load: ValueError: the AOTInductor package's forward takes 1 "
     "positional tensor(s), which take the config inputs in declared order, but config.yaml "
     "declares 2 (extra, features)",
     "bad_aoti_autocast": "parameters.autocast has no effect on an AOTInductor package",
