@@ -343,18 +343,25 @@ def test_tensors_larger_than_the_arena_take_the_inline_path(tmp_path):
     """Inputs and outputs that do not fit the arena travel in the pipe message instead."""
     (tmp_path / "1").mkdir()
     config = ModelConfig.model_validate(
-        {"name": "echo", "backend": "toy_backends:Echo", "max_batch_size": 8,
-         "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-         "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}]})
-    rows = [np.arange(i * 10_000, (i + 1) * 10_000, dtype=np.float32).reshape(1, -1)
-            for i in range(3)]  # 40 KB each; the arena holds 4 KB
+        {
+            "name": "echo",
+            "backend": "toy_backends:Echo",
+            "max_batch_size": 8,
+            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
+            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
+        }
+    )
+    rows = [
+        np.arange(i * 10_000, (i + 1) * 10_000, dtype=np.float32).reshape(1, -1) for i in range(3)
+    ]  # 40 KB each; the arena holds 4 KB
 
     async def main():
         instance = WorkerInstance("echo_1_0", config, tmp_path / "1", Device("cpu"), 4096)
         await instance.load()
         try:
-            requests = [InferenceRequest(ModelKey("echo", 1), {"INPUT0": r}, ["OUTPUT0"])
-                        for r in rows]
+            requests = [
+                InferenceRequest(ModelKey("echo", 1), {"INPUT0": r}, ["OUTPUT0"]) for r in rows
+            ]
             execution = await instance.execute(requests, ["OUTPUT0"])
             return np.array(execution.outputs["OUTPUT0"])
         finally:
