@@ -61,6 +61,7 @@ class PipelineExecutor:
         self.config = config
         self.statistics = ModelStatistics()
         self._steps = config.pipeline.steps
+        self._outputs = {t.name: t for t in config.outputs}
         self._waves = config.pipeline.order()
         self._resolve = resolve
         self._enqueue = enqueue
@@ -105,8 +106,9 @@ class PipelineExecutor:
                 await self._run_wave(wave, request, tensors)
             outputs = {}
             for name in request.outputs:
-                tensor = next(t for t in self.config.outputs if t.name == name)
-                check_tensor(tensors[name], tensor, self.config.batching, f"output '{name}'")
+                check_tensor(
+                    tensors[name], self._outputs[name], self.config.batching, f"output '{name}'"
+                )
                 outputs[name] = tensors[name]
         except BaseException:
             self.statistics.record_outcome(False, time.monotonic_ns() - request.arrival_ns)
