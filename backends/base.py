@@ -28,6 +28,17 @@ class Device:
         return "cpu" if self.kind == "cpu" else f"gpu:{self.id}"
 
 
+def reject_unknown_parameters(config: ModelConfig, known: tuple[str, ...], backend: str) -> None:
+    """ValueError listing the config's parameters that `backend` does not read, so that a
+    misspelt setting is never silently ignored."""
+    unknown = sorted(set(config.parameters) - set(known))
+    if unknown:
+        raise ValueError(
+            f"parameters {', '.join(unknown)} are unknown to the {backend} backend; "
+            f"it reads {', '.join(known)}"
+        )
+
+
 class BackendBase:
     """What every backend shares: its name, its model file, and completing a config."""
 

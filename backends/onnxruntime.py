@@ -16,7 +16,7 @@ import numpy as np
 
 from tiffin.protos.model_config import ModelConfig, TensorConfig
 
-from .base import Backend, Device
+from .base import Backend, Device, reject_unknown_parameters
 
 # ONNX type strings as onnxruntime reports them -> wire datatypes.
 _ONNX_TYPES = {
@@ -161,12 +161,7 @@ class OnnxRuntimeBackend(Backend):
                 "have no variable first dimension to batch on; set max_batch_size: 0"
             )
         batch = max_batch > 0
-        unknown = sorted(set(config.parameters) - set(PARAMETERS))
-        if unknown:
-            raise ValueError(
-                f"parameters {', '.join(unknown)} are unknown to the onnxruntime backend; "
-                f"it reads {', '.join(PARAMETERS)}"
-            )
+        reject_unknown_parameters(config, PARAMETERS, "onnxruntime")
         return config.model_copy(
             update={
                 "backend": cls.name,

@@ -52,7 +52,7 @@ import numpy as np
 from tiffin.protos.datatypes import DATATYPES
 from tiffin.protos.model_config import ModelConfig
 
-from .base import Backend, Device
+from .base import Backend, Device, reject_unknown_parameters
 from .torch_formats import (
     PLATFORMS,
     TORCH_TYPES,
@@ -106,12 +106,7 @@ class _Settings:
 
 def _settings(config: ModelConfig, fmt: Format) -> _Settings:
     params = config.parameters
-    unknown = sorted(set(params) - set(PARAMETERS))
-    if unknown:
-        raise ValueError(
-            f"parameters {', '.join(unknown)} are unknown to the torch backend; "
-            f"it reads {', '.join(PARAMETERS)}"
-        )
+    reject_unknown_parameters(config, PARAMETERS, "torch")
     autocast = None
     if "autocast" in params:
         autocast = str(params["autocast"])

@@ -41,7 +41,7 @@ from tiffin.protos import MAX_MESSAGE_BYTES, method_path, protocol
 from tiffin.protos.errors import BackendError, DeadlineExceeded, RemoteError, TiffinError
 from tiffin.protos.model_config import ModelConfig, ParameterValue, TensorConfig
 
-from .base import ForwardingBackend
+from .base import ForwardingBackend, reject_unknown_parameters
 
 PARAMETERS = (
     "url",
@@ -117,12 +117,7 @@ class RemoteSettings:
     def from_config(cls, config: ModelConfig) -> RemoteSettings:
         """Validates the parameters; ValueError naming the parameter that is wrong."""
         params = config.parameters
-        unknown = sorted(set(params) - set(PARAMETERS))
-        if unknown:
-            raise ValueError(
-                f"parameters {', '.join(unknown)} are unknown to the triton backend; "
-                f"it reads {', '.join(PARAMETERS)}"
-            )
+        reject_unknown_parameters(config, PARAMETERS, "triton")
         url = _text(params, "url").strip()
         if not url:
             raise ValueError("parameters.url is required: the remote server as host:port")
