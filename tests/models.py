@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
+import tritonclient.grpc as tc
 from onnx import TensorProto, helper
 
 IR_VERSION = 8  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would write 14
@@ -55,3 +57,20 @@ def write_model(repo: Path, name: str, config: str, versions: dict[int, callable
     for version, build in versions.items():
         build(folder / str(version) / "model.onnx")
     return folder
+
+
+def write_repository(root: Path, configs: dict[str, str]) -> Path:
+    """A repository of file-less models (toy backends, proxies): name -> config.yaml text,
+    each with an empty version folder 1."""
+    for name, config in configs.items():
+        (root / name / "1").mkdir(parents=True, exist_ok=True)
+        (root / name / "config.yaml").write_text(config)
+    return root
+
+
+def value_input(*values: float) -> tc.InferInput:
+    """INPUT0 for the toy backends: FP32, one value per row."""
+    array = np.array(values, np.float32).reshape(-1, 1)
+    tensor = tc.InferInput("INPUT0", list(array.shape), "FP32")
+    tensor.set_data_from_numpy(array)
+    return tensor

@@ -18,6 +18,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from conftest import EXAMPLES, ServerProcess, free_port
+from models import value_input, write_repository
 from tiffin.backends.triton import TritonBackend
 from tiffin.protos.model_config import ModelConfig
 
@@ -35,20 +36,6 @@ instance_group: [{{kind: {kind}}}]
 def proxy_config(url: str, remote: str, extra: str = "", **parameters: object) -> str:
     lines = "".join(f"\n  {k}: {v}" for k, v in parameters.items())
     return f"backend: triton\n{extra}\nparameters:\n  url: '{url}'\n  model_name: {remote}{lines}\n"
-
-
-def write_repo(root: Path, models: dict[str, str]) -> Path:
-    for name, config in models.items():
-        (root / name / "1").mkdir(parents=True, exist_ok=True)
-        (root / name / "config.yaml").write_text(config)
-    return root
-
-
-def value_input(*values: float) -> tc.InferInput:
-    array = np.array(values, np.float32).reshape(-1, 1)
-    tensor = tc.InferInput("INPUT0", list(array.shape), "FP32")
-    tensor.set_data_from_numpy(array)
-    return tensor
 
 
 def add_sub_inputs(a: np.ndarray, b: np.ndarray) -> list[tc.InferInput]:
@@ -71,7 +58,7 @@ def repository_state(client: tc.InferenceServerClient) -> dict[str, tuple[str, s
 def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("remote") / "models"
     shutil.copytree(EXAMPLES, root)
-    write_repo(
+    write_repository(
         root,
         {
             "echo": TOY.format(backend="Echo", kind="inline"),
@@ -163,7 +150,7 @@ def proxy(
         "ssl_target_name_override": "tiffin.test",
     }
     url = remote.url
-    root = write_repo(
+    root = write_repository(
         tmp_path_factory.mktemp("proxy") / "models",
         {
             "add_sub": proxy_config(url, "add_sub"),
@@ -345,11 +332,11 @@ def test_remote_changed_or_down_after_load(make_server, tmp_path):
     """The remote's own validation answers through the proxy with its code and message;
     a remote that goes away answers UNAVAILABLE naming it, and other models keep serving."""
     echo = TOY.format(backend="Echo", kind="inline")
-    changing_repo = write_repo(tmp_path / "changing", {"echo": echo})
+    changing_repo = write_repository(tmp_path / "changing", {"echo": echo})
     changing = make_server(changing_repo)
-    survivor = make_server(write_repo(tmp_path / "survivor", {"echo": echo}))
+    survivor = make_server(write_repository(tmp_path / "survivor", {"echo": echo}))
     proxy = make_server(
-        write_repo(
+        write_repository(
             tmp_path / "proxy",
             {
                 "changing": proxy_config(changing.url, "echo"),

@@ -17,6 +17,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from conftest import ServerProcess, leaked_arenas
+from models import value_input, write_repository
 from tiffin.backends import Device
 from tiffin.protos.model_config import ModelConfig
 from tiffin.scheduler import InferenceRequest, ModelKey
@@ -42,18 +43,7 @@ instance_group: [{{kind: {kind}, count: {count}}}]
 
 
 def toy_repo(tmp_path: Path, **models: str) -> Path:
-    repo = tmp_path / "models"
-    for name, config in models.items():
-        (repo / name / "1").mkdir(parents=True)
-        (repo / name / "config.yaml").write_text(config)
-    return repo
-
-
-def value_input(*values: float) -> tc.InferInput:
-    array = np.array(values, np.float32).reshape(-1, 1)
-    tensor = tc.InferInput("INPUT0", list(array.shape), "FP32")
-    tensor.set_data_from_numpy(array)
-    return tensor
+    return write_repository(tmp_path / "models", models)
 
 
 def call_in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
