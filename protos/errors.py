@@ -56,6 +56,13 @@ class QueueFull(TiffinError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class Overloaded(TiffinError):
+    """The server refuses work it cannot take now: too many streams, or a request that
+    cannot finish before its deadline. Sent at once, so that the client can back off."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class RequestTimeout(TiffinError):
     """The request waited in the queue past its timeout."""
 

@@ -15,6 +15,7 @@ import numpy as np
 from .datatypes import Datatype
 
 _LENGTH = struct.Struct("<I")
+BYTES_LENGTH_SIZE = _LENGTH.size  # every BYTES element starts with its length
 _FIELD_DTYPES = {
     "bool_contents": np.bool_,
     "int_contents": np.int32,
@@ -50,6 +51,11 @@ def serialize_bytes(array: np.ndarray) -> bytes:
 def deserialize_bytes(buffer: bytes | memoryview, count: int) -> np.ndarray:
     """Parses `count` length-prefixed elements; TensorDataError if the buffer disagrees."""
     view = memoryview(buffer)
+    if count * BYTES_LENGTH_SIZE > len(view):  # checked before allocating for `count`
+        raise TensorDataError(
+            f"{count} BYTES elements need at least {count * BYTES_LENGTH_SIZE} bytes, "
+            f"but the data has {len(view)}"
+        )
     items = np.empty(count, dtype=np.object_)
     offset = 0
     for i in range(count):

@@ -22,7 +22,16 @@ from tiffin.scheduler import InferenceRequest, InferenceResponse, Scheduler
 class Pending:
     """One request on its way through the scheduler; `wait()` blocks until it is answered."""
 
-    __slots__ = ("request", "response", "error", "_done", "_future", "_cancelled", "_loop")
+    __slots__ = (
+        "request",
+        "response",
+        "error",
+        "_done",
+        "_future",
+        "_cancelled",
+        "_finished",
+        "_loop",
+    )
 
     def __init__(self, request: InferenceRequest, loop: asyncio.AbstractEventLoop) -> None:
         self.request = request
@@ -32,13 +41,20 @@ class Pending:
         self._done.acquire()
         self._future: asyncio.Future[InferenceResponse] | None = None
         self._cancelled = False
+        self._finished = False
         self._loop = loop
 
     def wait(self) -> InferenceResponse:
-        """The response, or raises the request's TiffinError."""
+        """The response, or raises the request's TiffinError.
+
+        The error is handed over, not kept: a Pending that still held the exception its
+        caller's frame raised would make a reference cycle through that frame (and the
+        request message in it), which only the cyclic garbage collector could free.
+        """
         self._done.acquire()
-        if self.error is not None:
-            raise self.error
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
         assert self.response is not None
         return self.response
 
@@ -47,7 +63,7 @@ class Pending:
 
         gRPC calls this when every call ends, answered or not; an answered one costs nothing.
         """
-        if self.response is not None or self.error is not None:
+        if self._finished:
             return
         self._cancelled = True
         self._loop.call_soon_threadsafe(self._cancel_on_loop)
@@ -58,6 +74,7 @@ class Pending:
 
     def _finish(self, response: InferenceResponse | None, error: BaseException | None) -> None:
         self.response, self.error = response, error
+        self._finished = True
         self._done.release()
 
     def _on_done(self, future: asyncio.Future[InferenceResponse]) -> None:

@@ -14,8 +14,18 @@ from tiffin.protos import protocol
 from tiffin.protos.datatypes import DATATYPES, Datatype
 from tiffin.protos.errors import InvalidInput, ModelNotFound
 from tiffin.protos.model_config import ModelConfig, TensorConfig
-from tiffin.protos.tensors import TensorDataError, element_count, from_contents, from_raw, to_raw
+from tiffin.protos.names import shown
+from tiffin.protos.tensors import (
+    BYTES_LENGTH_SIZE,
+    TensorDataError,
+    element_count,
+    from_contents,
+    from_raw,
+    to_raw,
+)
 from tiffin.scheduler import InferenceRequest, InferenceResponse, ModelKey
+
+from .wire import REQUEST_OVERHEAD_BYTES
 
 # Request parameters Triton interprets, with the InferParameter member each must use.
 _RESERVED_TYPES: dict[str, tuple[str, ...]] = {
@@ -73,27 +83,33 @@ def _check_shape(tensor: TensorConfig, shape: list[int], config: ModelConfig, mo
 def decode_request(
     msg: Any, key: ModelKey, config: ModelConfig, deadline: float | None = None
 ) -> InferenceRequest:
-    """Validates a ModelInferRequest against the model's config and decodes its tensors."""
+    """Validates a ModelInferRequest against the model's config and decodes its tensors.
+
+    Everything the request claims (names, datatypes, shapes, batch size, how many
+    raw entries) is checked against the config first; only then is data decoded, each
+    tensor's size checked against the bytes actually sent before anything is allocated
+    for it.
+    """
     model = key.name
     parameters = _decode_parameters(msg, model)
     declared = {t.name: t for t in config.inputs}
-    raw = msg.raw_input_contents
-    inputs = {}
-    raw_index = 0
+    claims: list[tuple[Any, TensorConfig, list[int]]] = []
+    seen: set[str] = set()
     batch_size: int | None = None
     for tensor in msg.inputs:
         name = tensor.name
         spec = declared.get(name)
         if spec is None:
             raise InvalidInput(
-                f"unexpected inference input '{name}' for model '{model}'; it expects "
+                f"unexpected inference input '{shown(name)}' for model '{model}'; it expects "
                 f"{', '.join(declared) or 'no inputs'}"
             )
-        if name in inputs:
+        if name in seen:
             raise InvalidInput(f"input '{name}' is given twice in the request for model '{model}'")
+        seen.add(name)
         if tensor.datatype != spec.datatype:
             raise InvalidInput(
-                f"inference input '{name}' data-type is '{tensor.datatype}', but model "
+                f"inference input '{name}' data-type is '{shown(tensor.datatype)}', but model "
                 f"'{model}' expects '{spec.datatype}'"
             )
         shape = list(tensor.shape)
@@ -109,38 +125,14 @@ def decode_request(
         if any(k in tensor.parameters for k in _SHM_KEYS):
             region = tensor.parameters.get("shared_memory_region")
             region_name = parameter_value(region) if region is not None else ""
-            raise ModelNotFound(f"Unable to find shared memory region: '{region_name}'")
-        dtype = DATATYPES[spec.datatype]
-        try:
-            if tensor.HasField("contents"):
-                if raw:
-                    raise InvalidInput(
-                        f"contents field must not be specified when using raw_input_contents "
-                        f"for '{name}' for model '{model}': send every input either raw or typed"
-                    )
-                inputs[name] = from_contents(tensor.contents, dtype, shape)
-                continue
-            if raw_index >= len(raw):
-                raise InvalidInput(
-                    f"unable to find data for input tensor '{name}' for model '{model}' in request."
-                )
-            data = raw[raw_index]
-            raw_index += 1
-            _check_byte_size(name, model, dtype, shape, len(data))
-            inputs[name] = from_raw(data, dtype, shape)
-        except TensorDataError as exc:
-            raise InvalidInput(f"input '{name}' for model '{model}': {exc}") from None
+            raise ModelNotFound(f"Unable to find shared memory region: '{shown(str(region_name))}'")
+        claims.append((tensor, spec, shape))
 
-    if raw_index < len(raw):
-        raise InvalidInput(
-            f"the request for model '{model}' has {len(raw)} raw_input_contents entries but only "
-            f"{raw_index} inputs use them"
-        )
-    missing = [t.name for t in config.inputs if t.name not in inputs and not t.optional]
+    missing = [t.name for t in config.inputs if t.name not in seen and not t.optional]
     if missing:
         raise InvalidInput(
-            f"expected {len(config.inputs)} inputs but got {len(inputs)} inputs for model "
-            f"'{model}'. Got input(s) {sorted(inputs)}, but missing required input(s) {missing}. "
+            f"expected {len(config.inputs)} inputs but got {len(seen)} inputs for model "
+            f"'{model}'. Got input(s) {sorted(seen)}, but missing required input(s) {missing}. "
             "Please provide all required input(s)."
         )
     if config.batching:
@@ -151,6 +143,44 @@ def decode_request(
             )
         if batch_size < 1:
             raise InvalidInput(f"inference request batch-size must be >= 1 for '{model}'")
+    raw = msg.raw_input_contents
+    raw_count = len(raw)
+    if raw_count:
+        typed = [t.name for t, _, _ in claims if t.HasField("contents")]
+        if typed:
+            raise InvalidInput(
+                f"contents field must not be specified when using raw_input_contents "
+                f"for '{typed[0]}' for model '{model}': send every input either raw or typed"
+            )
+        if raw_count < len(claims):
+            raise InvalidInput(
+                f"unable to find data for input tensor '{claims[raw_count][1].name}' for model "
+                f"'{model}' in request."
+            )
+        if raw_count > len(claims):
+            raise InvalidInput(
+                f"the request for model '{model}' has {raw_count} raw_input_contents entries "
+                f"but only {len(claims)} inputs use them"
+            )
+
+    inputs = {}
+    for index, (tensor, spec, shape) in enumerate(claims):
+        name = spec.name
+        dtype = DATATYPES[spec.datatype]
+        try:
+            if not raw_count:
+                if not tensor.HasField("contents"):
+                    raise InvalidInput(
+                        f"unable to find data for input tensor '{name}' for model '{model}' "
+                        "in request."
+                    )
+                inputs[name] = from_contents(tensor.contents, dtype, shape)
+                continue
+            data = raw[index]
+            _check_byte_size(name, model, dtype, shape, len(data))
+            inputs[name] = from_raw(data, dtype, shape)
+        except TensorDataError as exc:
+            raise InvalidInput(f"input '{name}' for model '{model}': {exc}") from None
 
     return InferenceRequest(
         model=key,
@@ -164,10 +194,44 @@ def decode_request(
     )
 
 
+# Bytes one element may take in typed `contents`: integers are varints (up to 10 bytes).
+_TYPED_ELEMENT_BYTES = {
+    "int_contents": 10,
+    "int64_contents": 10,
+    "uint_contents": 10,
+    "uint64_contents": 10,
+    "bool_contents": 1,
+    "fp32_contents": 4,
+    "fp64_contents": 8,
+}
+
+
+def max_request_bytes(config: ModelConfig) -> int | None:
+    """The largest ModelInferRequest the model can accept: its largest batch of every input,
+    raw or typed, plus room for names and parameters; None when an input has a variable
+    dimension or is BYTES, so that no fixed bound exists."""
+    rows = config.max_batch_size if config.batching and config.max_batch_size else 1
+    total = REQUEST_OVERHEAD_BYTES
+    for tensor in config.inputs:
+        dtype = DATATYPES[tensor.datatype]
+        if dtype.itemsize == 0 or -1 in tensor.dims:
+            return None
+        per_element = max(dtype.itemsize, _TYPED_ELEMENT_BYTES.get(dtype.contents_field or "", 0))
+        total += rows * element_count(tensor.dims) * per_element
+    return total
+
+
 def _check_byte_size(name: str, model: str, dtype: Datatype, shape: list[int], size: int) -> None:
-    if dtype.itemsize == 0:  # BYTES: checked while parsing
+    """The bytes sent must be what the shape claims, before anything is allocated for it."""
+    count = element_count(shape)
+    if dtype.itemsize == 0:  # BYTES: each element needs at least its 4-byte length
+        if count * BYTES_LENGTH_SIZE > size:
+            raise InvalidInput(
+                f"input '{name}' for model '{model}' claims {count} BYTES elements, which "
+                f"need at least {count * BYTES_LENGTH_SIZE} bytes, but {size} were sent"
+            )
         return
-    expected = element_count(shape) * dtype.itemsize
+    expected = count * dtype.itemsize
     if size != expected:
         raise InvalidInput(
             f"input byte size mismatch for input '{name}' for model '{model}'. "

@@ -91,7 +91,7 @@ class Server:
             self._loop,
             self._state,
             _version(),
-            s.strict_readiness,
+            s,
             self._models_changed,
         )
         self._service = service
@@ -125,6 +125,7 @@ class Server:
         )
 
     def _models_changed(self) -> None:
+        self._service.refresh_limits()
         if self._health is not None:
             self._health.update_models(self._manager)
             self._health.set_ready(self._service.is_ready())

@@ -11,7 +11,6 @@ import asyncio
 import functools
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,25 +19,30 @@ import grpc
 
 from tiffin.protos import SERVICE_NAME, model_config, protocol
 from tiffin.protos.errors import (
+    DeadlineExceeded,
     InvalidInput,
     ServerNotReady,
     TiffinError,
+    UnknownModel,
     Unsupported,
 )
+from tiffin.protos.names import is_model_name, parse_version, shown
 from tiffin.scheduler import ModelKey, Scheduler
 from tiffin.scheduler.statistics import DURATIONS
 
 from .bridge import LoopBridge, Pending
 from .config_message import config_message
-from .inference import decode_request, encode_response
+from .inference import decode_request, encode_response, max_request_bytes
 from .manager import LOADING, READY, ModelManager
+from .settings import ServerSettings
+from .streams import Failure, StreamGate, StreamItem, StreamSession
+from .wire import RequestDecoder, Undecodable, plain_decoder
 
 log = logging.getLogger(__name__)
 
-# A stream request in flight: the message, its Pending (or why it could not start), its config.
-StreamItem = tuple[Any, "Pending | TiffinError", "model_config.ModelConfig | None"]
-
 SERVER_NAME = "tiffin"
+# RPCs whose requests carry tensors: their size is bounded by the model they name.
+_TENSOR_RPCS = ("ModelInfer", "ModelStreamInfer")
 # Only what really works is advertised: perf_analyzer acts on this list.
 EXTENSIONS = ["model_configuration", "statistics", "model_repository"]
 
@@ -48,13 +52,15 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def handler(self: InferenceService, request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         try:
             return method(self, request, context)
         except TiffinError as exc:
             context.abort(exc.code, exc.message)
         except Exception as exc:
             log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {exc}")
+            context.abort(grpc.StatusCode.INTERNAL, shown(f"{method.__name__} failed: {exc}", 1000))
 
     return handler
 
@@ -83,7 +89,7 @@ class InferenceService:
         loop: asyncio.AbstractEventLoop,
         state: ServerState,
         version: str,
-        strict_readiness: bool,
+        settings: ServerSettings,
         on_models_changed: Callable[[], None],
     ) -> None:
         self._pb = protocol()
@@ -92,8 +98,33 @@ class InferenceService:
         self._bridge = LoopBridge(loop, scheduler)
         self._state = state
         self._version = version
-        self._strict = strict_readiness
+        self._strict = settings.strict_readiness
         self._on_models_changed = on_models_changed
+        self._infer_decoder = RequestDecoder(self._pb.ModelInferRequest, settings.max_message_bytes)
+        self._streams = StreamGate(settings.stream_limit, settings.max_streams_per_connection)
+        self._stream_window = settings.max_stream_inflight
+        self._stream_idle = settings.stream_idle_timeout_seconds or None
+
+    def refresh_limits(self) -> None:
+        """Bounds each model's requests by what its ready versions can accept."""
+        limits: dict[str, int | None] = {}
+        for model in self._manager.models():
+            configs = [model.versions[v].spec.config for v in model.ready_versions()]
+            sizes = [max_request_bytes(c) for c in configs if c is not None]
+            if sizes:
+                fixed = [size for size in sizes if size is not None]
+                limits[model.name] = max(fixed) if len(fixed) == len(sizes) else None
+        self._infer_decoder.limits = limits
+
+    def _resolve(self, name: str, version: str) -> Any:
+        """The version spec serving `name` at `version`, after checking both as names."""
+        if not is_model_name(name):
+            raise UnknownModel(f"Request for unknown model: '{shown(name)}' is not found")
+        try:
+            parse_version(version)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        return self._manager.resolve(name, version)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         """Handlers for every RPC in inference.proto; those not offered answer UNIMPLEMENTED."""
@@ -107,9 +138,12 @@ class InferenceService:
                 if method.client_streaming
                 else grpc.unary_unary_rpc_method_handler
             )
+            decoder = (
+                self._infer_decoder if method.name in _TENSOR_RPCS else plain_decoder(request_cls)
+            )
             handlers[method.name] = make(
                 behaviour,
-                request_deserializer=request_cls.FromString,
+                request_deserializer=decoder,
                 response_serializer=response_cls.SerializeToString,
             )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
@@ -140,13 +174,16 @@ class InferenceService:
 
     @_rpc
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if not is_model_name(request.name):
+            raise UnknownModel(f"Request for unknown model: '{shown(request.name)}' is not found")
         state = self._manager.state(request.name)
         loading = [v for v, s in state.versions.items() if s.state == LOADING]
         if request.version == "" and loading and not state.ready_versions():
             return self._pb.ModelReadyResponse(ready=False)
-        if request.version.isdigit() and int(request.version) in loading:
-            return self._pb.ModelReadyResponse(ready=False)
-        self._manager.resolve(request.name, request.version)
+        if request.version.isascii() and request.version.isdigit():
+            if int(request.version) in loading:
+                return self._pb.ModelReadyResponse(ready=False)
+        self._resolve(request.name, request.version)
         return self._pb.ModelReadyResponse(ready=not self._state.stopping)
 
     @_rpc
@@ -157,7 +194,7 @@ class InferenceService:
 
     @_rpc
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
-        spec = self._manager.resolve(request.name, request.version)
+        spec = self._resolve(request.name, request.version)
         config = spec.config
         assert config is not None
         versions = (
@@ -181,7 +218,7 @@ class InferenceService:
 
     @_rpc
     def ModelConfig(self, request: Any, context: grpc.ServicerContext) -> Any:
-        spec = self._manager.resolve(request.name, request.version)
+        spec = self._resolve(request.name, request.version)
         assert spec.config is not None
         return self._pb.ModelConfigResponse(config=config_message(spec.config))
 
@@ -190,11 +227,13 @@ class InferenceService:
         if request.name:
             if request.version:
                 keys = [
-                    ModelKey(
-                        request.name, self._manager.resolve(request.name, request.version).version
-                    )
+                    ModelKey(request.name, self._resolve(request.name, request.version).version)
                 ]
             else:
+                if not is_model_name(request.name):
+                    raise UnknownModel(
+                        f"Request for unknown model: '{shown(request.name)}' is not found"
+                    )
                 state = self._manager.state(request.name)
                 keys = [ModelKey(request.name, v) for v in state.ready_versions()]
         else:
@@ -286,7 +325,7 @@ class InferenceService:
         """Validates and queues a request: its Pending, and the config it was checked against
         (which encodes the response)."""
         self._state.check_accepting()
-        spec = self._manager.resolve(msg.model_name, msg.model_version)
+        spec = self._resolve(msg.model_name, msg.model_version)
         assert spec.config is not None
         request = decode_request(msg, ModelKey(msg.model_name, spec.version), spec.config, deadline)
         return self._bridge.submit(request), spec.config
@@ -294,7 +333,11 @@ class InferenceService:
     @_rpc
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        deadline = None
+        if remaining is not None:
+            if remaining <= 0:  # it waited for a handler thread past its deadline
+                raise DeadlineExceeded("the client's deadline passed before the request started")
+            deadline = time.monotonic() + remaining
         pending, config = self._start_infer(request, deadline)
         context.add_callback(pending.cancel)  # the client went away: drop the request
         return encode_response(pending.wait(), config)
@@ -302,62 +345,67 @@ class InferenceService:
     def ModelStreamInfer(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[Any]:
-        """Reads requests on a thread of its own so that they run concurrently, and answers
-        each in request order. Errors are in-band unless the client asked otherwise."""
+        """Answers each request in request order, while its requests run concurrently (a
+        StreamSession reads them on a thread of its own). Errors are in-band unless the
+        client asked otherwise (`triton_grpc_error: true`)."""
         abort_on_error = any(
             k == "triton_grpc_error" and v == "true" for k, v in context.invocation_metadata()
         )
-        queued: queue.SimpleQueue[
-            tuple[Any, Pending | TiffinError, model_config.ModelConfig | None] | None
-        ] = queue.SimpleQueue()
-        outstanding: set[Pending] = set()  # only unanswered ones: a stream may live for hours
-
-        def read_requests() -> None:
-            try:
-                for msg in request_iterator:
-                    try:
-                        pending, config = self._start_infer(msg, None)
-                        outstanding.add(pending)
-                        queued.put((msg, pending, config))
-                    except TiffinError as exc:
-                        queued.put((msg, exc, None))
-            except Exception:  # the stream broke or was cancelled: stop reading
-                pass
-            finally:
-                queued.put(None)
-
-        def cancel_outstanding() -> None:
-            for pending in list(outstanding):
-                pending.cancel()
-
-        context.add_callback(cancel_outstanding)
-        threading.Thread(target=read_requests, name="stream-reader", daemon=True).start()
-        while (item := queued.get()) is not None:
-            msg, outcome, config = item
-            try:
-                if isinstance(outcome, TiffinError):
-                    raise outcome
+        peer = context.peer()
+        try:
+            self._streams.enter(peer)
+        except TiffinError as exc:
+            context.abort(exc.code, exc.message)
+        session = StreamSession(request_iterator, self._start_stream_request, self._stream_window)
+        context.add_callback(session.close)  # the client went away: drop what waits
+        try:
+            session.start()
+            while True:
                 try:
-                    response = outcome.wait()
-                finally:
-                    outstanding.discard(outcome)
-                yield self._pb.ModelStreamInferResponse(
-                    infer_response=encode_response(response, config, final=True)
-                )
-            except TiffinError as exc:
-                if abort_on_error:
-                    context.abort(exc.code, exc.message)
-                yield self._stream_error(msg, exc.message)
-            except Exception as exc:
-                log.exception("stream request failed")
-                if abort_on_error:
-                    context.abort(grpc.StatusCode.INTERNAL, str(exc))
-                yield self._stream_error(msg, f"internal error: {exc}")
+                    item = session.next_item(self._stream_idle)
+                except queue.Empty:
+                    context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"the stream was closed after {self._stream_idle:g} s without a "
+                        "request (--stream-idle-timeout-seconds); open a new stream to go on",
+                    )
+                if item is None:
+                    return
+                response = self._stream_response(item, session)
+                if isinstance(response, Failure):
+                    if abort_on_error:
+                        context.abort(response.code, response.message)
+                    response = self._stream_error(item, response.message)
+                yield response
+                session.answered()
+        finally:
+            session.close()
+            self._streams.leave(peer)
 
-    def _stream_error(self, msg: Any, message: str) -> Any:
+    def _start_stream_request(self, msg: Any) -> tuple[Pending, model_config.ModelConfig]:
+        return self._start_infer(msg, None)
+
+    def _stream_response(self, item: StreamItem, session: StreamSession) -> Any:
+        """The response to one stream request, or the Failure to answer it with."""
+        if isinstance(item.outcome, Failure):
+            return item.outcome
+        assert item.config is not None
+        try:
+            return self._pb.ModelStreamInferResponse(
+                infer_response=encode_response(item.outcome.wait(), item.config, final=True)
+            )
+        except TiffinError as exc:
+            return Failure(exc.code, exc.message)
+        except Exception as exc:  # a bug: the request still gets its answer
+            log.exception("a stream request failed")
+            return Failure(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+        finally:
+            session.settled(item.outcome)
+
+    def _stream_error(self, item: StreamItem, message: str) -> Any:
         response = self._pb.ModelStreamInferResponse(error_message=message)
-        response.infer_response.id = msg.id
-        response.infer_response.model_name = msg.model_name
-        response.infer_response.model_version = msg.model_version
+        response.infer_response.id = item.id
+        response.infer_response.model_name = item.model_name
+        response.infer_response.model_version = item.model_version
         response.infer_response.parameters["triton_final_response"].bool_param = True
         return response

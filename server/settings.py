@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tiffin.protos import MAX_MESSAGE_BYTES
 
@@ -28,6 +28,28 @@ class ServerSettings(BaseModel):
         description="gRPC handler threads; also the most RPCs served at once (streams hold one "
         "each); beyond it calls get RESOURCE_EXHAUSTED.",
     )
+    max_streams: int = Field(
+        0,
+        ge=0,
+        description="Most ModelStreamInfer streams open at once (each holds a handler thread); "
+        "0: three quarters of --grpc-threads, so that health checks and unary calls always "
+        "find a thread. Beyond it new streams get RESOURCE_EXHAUSTED.",
+    )
+    max_streams_per_connection: int = Field(
+        64, ge=1, description="Most streams open at once on one client connection."
+    )
+    max_stream_inflight: int = Field(
+        128,
+        ge=1,
+        description="Requests of one stream read but not yet answered; beyond it the server "
+        "reads no more from that stream until the client reads its responses.",
+    )
+    stream_idle_timeout_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="A stream with no request and nothing in flight for this long is closed "
+        "(UNAVAILABLE); 0: never.",
+    )
     max_message_bytes: int = Field(
         MAX_MESSAGE_BYTES, ge=1024, description="Largest request or response message, in bytes."
     )
@@ -38,6 +60,21 @@ class ServerSettings(BaseModel):
         30.0, ge=0, description="How long in-flight requests may take to finish at shutdown."
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+
+    @model_validator(mode="after")
+    def _streams_leave_threads(self) -> ServerSettings:
+        if self.max_streams and self.max_streams >= self.grpc_threads:
+            raise ValueError(
+                f"max_streams ({self.max_streams}) must be below grpc_threads "
+                f"({self.grpc_threads}): streams hold a thread each, and health checks and "
+                "unary calls need one too"
+            )
+        return self
+
+    @property
+    def stream_limit(self) -> int:
+        """How many streams may be open at once."""
+        return self.max_streams or max(1, self.grpc_threads * 3 // 4)
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
