@@ -356,7 +356,13 @@ class InferenceService:
             self._streams.enter(peer)
         except TiffinError as exc:
             context.abort(exc.code, exc.message)
-        session = StreamSession(request_iterator, self._start_stream_request, self._stream_window)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+
+        def start(msg: Any) -> tuple[Pending, model_config.ModelConfig]:
+            return self._start_infer(msg, deadline)  # the stream's deadline bounds each request
+
+        session = StreamSession(request_iterator, start, self._stream_window)
         context.add_callback(session.close)  # the client went away: drop what waits
         try:
             session.start()
@@ -381,9 +387,6 @@ class InferenceService:
         finally:
             session.close()
             self._streams.leave(peer)
-
-    def _start_stream_request(self, msg: Any) -> tuple[Pending, model_config.ModelConfig]:
-        return self._start_infer(msg, None)
 
     def _stream_response(self, item: StreamItem, session: StreamSession) -> Any:
         """The response to one stream request, or the Failure to answer it with."""

@@ -36,10 +36,10 @@ class ServerSettings(BaseModel):
         "find a thread. Beyond it new streams get RESOURCE_EXHAUSTED.",
     )
     max_streams_per_connection: int = Field(
-        64, ge=1, description="Most streams open at once on one client connection."
+        100, ge=1, description="Most streams open at once on one client connection."
     )
     max_stream_inflight: int = Field(
-        128,
+        64,
         ge=1,
         description="Requests of one stream read but not yet answered; beyond it the server "
         "reads no more from that stream until the client reads its responses.",
