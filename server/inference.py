@@ -58,7 +58,7 @@ def _decode_parameters(msg: Any, model: str) -> dict[str, Any]:
         elif key.startswith("triton_"):
             raise InvalidInput(
                 f"parameter keys starting with 'triton_' are reserved for Triton usage and "
-                f"should not be specified: '{key}' (model '{model}')"
+                f"should not be specified: '{shown(key)}' (model '{model}')"
             )
         values[key] = parameter_value(param)
     return values
@@ -247,7 +247,7 @@ def _requested_outputs(msg: Any, config: ModelConfig, model: str) -> list[str]:
     for out in msg.outputs:
         if out.name not in known:
             raise InvalidInput(
-                f"unexpected inference output '{out.name}' for model '{model}'; it has "
+                f"unexpected inference output '{shown(out.name)}' for model '{model}'; it has "
                 f"{', '.join(known)}"
             )
         if out.name in names:
@@ -255,7 +255,7 @@ def _requested_outputs(msg: Any, config: ModelConfig, model: str) -> list[str]:
         if any(k in out.parameters for k in _SHM_KEYS):
             region = out.parameters.get("shared_memory_region")
             region_name = parameter_value(region) if region is not None else ""
-            raise ModelNotFound(f"Unable to find shared memory region: '{region_name}'")
+            raise ModelNotFound(f"Unable to find shared memory region: '{shown(str(region_name))}'")
         if "classification" in out.parameters:
             raise InvalidInput(
                 f"output '{out.name}' asks for classification, which this server does not "
