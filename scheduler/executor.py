@@ -48,6 +48,10 @@ class ModelExecutor:
         self._batcher = DynamicBatcher(key, config)
         self._instances = instances
         self._tasks: list[asyncio.Task[None]] = []
+        # Serving tasks parked in next_batch (nothing taken from the queue yet), by instance
+        # name, and those of them interrupted because their instance died while idle.
+        self._idle: dict[str, asyncio.Task[None]] = {}
+        self._interrupted: set[str] = set()
         self._running = 0
         self._closed = False
 
@@ -61,22 +65,41 @@ class ModelExecutor:
         self._tasks = [asyncio.create_task(self._serve(i)) for i in self._instances]
 
     def instances_changed(self) -> None:
-        """Called by instances when one dies or comes back."""
-        if self._tasks and not any(i.alive for i in self._instances):
-            self._batcher.fail_all(self._no_instance())
+        """Called by instances when one dies, fails to restart, or comes back."""
+        for instance in self._instances:
+            task = None if instance.alive else self._idle.pop(instance.name, None)
+            if task is not None:
+                # Died while waiting for a batch: stop waiting, so the next batch stays
+                # queued for a live instance instead of going to this dead one.
+                self._interrupted.add(instance.name)
+                task.cancel()
+        error = self._unavailable()
+        if self._tasks and error is not None:
+            self._batcher.fail_all(error)
 
-    def _no_instance(self) -> ModelNotReady:
+    def _unavailable(self) -> ModelNotReady | None:
+        """Why requests cannot wait for an instance, or None while they can.
+
+        Requests wait while a worker restarts; once no instance is alive and every one
+        has failed to restart, waiting could last forever, so they fail instead.
+        """
+        if any(i.alive for i in self._instances):
+            return None
+        failures = [i.restart_failure for i in self._instances]
+        if not all(failures):
+            return None
         return ModelNotReady(
-            f"model '{self.key.name}' version {self.key.version} has no running instance "
-            "(its workers are restarting)"
+            f"model '{self.key.name}' version {self.key.version} has no running instance: "
+            + "; ".join(f for f in failures if f)
         )
 
     def enqueue(self, request: InferenceRequest) -> asyncio.Future[InferenceResponse]:
         """Queues a request; the future of its response. Raises when it cannot be queued."""
         if self._closed:
             raise ModelNotReady(f"model '{self.key.name}' version {self.key.version} is unloading")
-        if not any(i.alive for i in self._instances):
-            raise self._no_instance()
+        error = self._unavailable()
+        if error is not None:
+            raise error
         return self._batcher.put(request)
 
     async def stop(self) -> None:
@@ -84,17 +107,39 @@ class ModelExecutor:
         self._closed = True
         while self._batcher.queued() or self._running:
             if not any(i.alive for i in self._instances):
-                self._batcher.fail_all(self._no_instance())
+                # Waiting for a restart would hold up the unload: fail what is queued.
+                self._batcher.fail_all(
+                    ModelNotReady(
+                        f"model '{self.key.name}' version {self.key.version} is unloading "
+                        "and has no running instance"
+                    )
+                )
             await asyncio.sleep(0.005)
+        self._interrupted.clear()  # these cancellations end the tasks
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(i.unload() for i in self._instances), return_exceptions=True)
 
     async def _serve(self, instance: Instance) -> None:
+        task = asyncio.current_task()
+        assert task is not None
         while True:
             await instance.wait_alive()  # a worker restarting after a crash
-            entries = [e for e in await self._batcher.next_batch() if not e.future.done()]
+            self._idle[instance.name] = task
+            try:
+                batch = await self._batcher.next_batch()
+            except asyncio.CancelledError:
+                if instance.name not in self._interrupted:
+                    raise  # stop()
+                task.uncancel()  # instances_changed(): wait for the restart instead
+                continue
+            finally:
+                # Also when the cancellation was lost (Python 3.11's wait_for can return a
+                # result instead): that batch then fails in execute(), as the dead worker's.
+                self._idle.pop(instance.name, None)
+                self._interrupted.discard(instance.name)
+            entries = [e for e in batch if not e.future.done()]
             if not entries:
                 continue
             self._running += 1

@@ -3,7 +3,7 @@
 `InlineInstance` runs the backend inside the frontend process on a thread of its own
 (for tiny models, where crossing processes costs more than the compute).
 `WorkerInstance` runs it in a worker process fed through a shared-memory arena, and
-restarts that process if it dies.
+restarts that process if it dies; `restart_failure` says why while it cannot.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class InstanceDied(ModelNotReady):
 class Instance(Protocol):
     name: str
     device: Device
+    restart_failure: str | None  # why its worker could not start again, while it cannot
 
     @property
     def alive(self) -> bool: ...
@@ -83,6 +84,7 @@ class InlineInstance:
         self._config = config
         self._version_dir = version_dir
         self._backend: Backend | None = None
+        self.restart_failure: str | None = None  # never restarts: it runs in this process
 
     @property
     def alive(self) -> bool:
@@ -142,6 +144,7 @@ class WorkerInstance:
 
     If the process dies, the batch it was running fails with UNAVAILABLE naming the
     instance, and a new process is started (with backoff) while the model stays loaded.
+    While an attempt to start it has failed, `restart_failure` says why.
     """
 
     def __init__(
@@ -166,6 +169,7 @@ class WorkerInstance:
         self._alive = asyncio.Event()
         self._stopping = False
         self._restarting: asyncio.Task[None] | None = None
+        self.restart_failure: str | None = None
         self.worker_info: dict[str, Any] = {}  # what the worker reported: pid, environment
 
     @property
@@ -211,6 +215,7 @@ class WorkerInstance:
             await self._reap()
             raise RuntimeError(message[1])
         self.worker_info = message[1]
+        self.restart_failure = None
         self._alive.set()
         self._on_change()
         log.info("instance %s: worker pid %d ready on %s", self.name, process.pid, self.device)
@@ -244,9 +249,12 @@ class WorkerInstance:
         future, self._pending = self._pending, None
         if future is not None and not future.done():
             future.set_exception(error)
-        if not self._stopping and self.worker_info:
-            log.error("%s; restarting it", error.message.replace(" while running this request", ""))
-            self._restarting = loop.create_task(self._restart())
+        if self._stopping or not self.worker_info:
+            return  # unloading, or its first load failed (load() raises that)
+        if self._restarting is not None and not self._restarting.done():
+            return  # it died while restarting: the restart loop tries again
+        log.error("%s; restarting it", error.message.replace(" while running this request", ""))
+        self._restarting = loop.create_task(self._restart())
 
     async def _restart(self) -> None:
         for attempt in range(10**9):
@@ -261,6 +269,13 @@ class WorkerInstance:
                 log.error(
                     "instance %s could not restart (attempt %d): %s", self.name, attempt + 1, exc
                 )
+                # Told to the executor, so that requests waiting for this worker fail now
+                # rather than wait for a retry that may never succeed.
+                self.restart_failure = (
+                    f"instance {self.name} exited and could not restart ({exc}); "
+                    "the server keeps retrying"
+                )
+                self._on_change()
 
     async def wait_alive(self) -> None:
         await self._alive.wait()
@@ -273,9 +288,18 @@ class WorkerInstance:
         input_ns = time.perf_counter_ns() - start
         future = asyncio.get_running_loop().create_future()
         self._pending = future
-        self._conn.send_bytes(
-            pickle.dumps(("infer", refs, outputs, free_offset), protocol=pickle.HIGHEST_PROTOCOL)
-        )
+        try:
+            self._conn.send_bytes(
+                pickle.dumps(
+                    ("infer", refs, outputs, free_offset), protocol=pickle.HIGHEST_PROTOCOL
+                )
+            )
+        except OSError as exc:  # it died a moment ago; _on_exit has yet to hear of it
+            self._pending = None
+            raise InstanceDied(
+                f"instance {self.name} of model '{self._config.name}' exited before it could "
+                "run this request"
+            ) from exc
         message = await future
         if message[0] == "error":
             raise BackendError(message[1])

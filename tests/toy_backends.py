@@ -70,3 +70,13 @@ class Crash(_Toy):
         if (inputs["INPUT0"] == 666).any():
             os.kill(os.getpid(), signal.SIGKILL)
         return super().infer(inputs, outputs)
+
+
+class CrashNoRestart(Crash):
+    """Crash, whose load fails once the version folder holds a file named `refuse-load`
+    (a test creates it after the first load, so the worker cannot start again)."""
+
+    def load(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
+        if (version_dir / "refuse-load").exists():
+            raise RuntimeError("refuse-load marker present")
+        super().load(config, version_dir, device)
