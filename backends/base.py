@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from tiffin.protos.model_config import ModelConfig
+from tiffin.protos.names import shown
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,18 @@ class BackendBase:
     def model_path(cls, config: ModelConfig, version_dir: Path) -> Path:
         """The model file of a version folder: the config's `default_model_filename`, else the
         first of `model_filenames` present (else the first, to name in "not found"); the
-        folder itself for backends that need no file."""
+        folder itself for backends that need no file.
+
+        Raises ValueError when `default_model_filename` is not a plain file name (a path such
+        as `../x` or `/etc/x` would reach outside the version folder)."""
         if config.default_model_filename:
-            return version_dir / config.default_model_filename
+            filename = config.default_model_filename
+            if filename in (".", "..") or any(c in filename for c in "/\\\0"):
+                raise ValueError(
+                    f"default_model_filename: '{shown(filename)}' must be the name of a file "
+                    "inside the version folder, not a path"
+                )
+            return version_dir / filename
         for filename in cls.model_filenames:
             if (version_dir / filename).exists():
                 return version_dir / filename

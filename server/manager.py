@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tiffin.protos.errors import InvalidInput, ModelNotFound, ModelNotReady, UnknownModel
 from tiffin.protos.model_config import ModelConfig
+from tiffin.protos.names import name_problem, shown
 from tiffin.scheduler import ModelKey, Scheduler
 
 from .pipelines import complete_pipeline
@@ -55,17 +57,26 @@ class ModelManager:
 
     Loading and unloading run on the scheduler's event loop; lookups (`resolve`,
     `models`) are called from gRPC threads and read immutable snapshots.
+
+    `allowed_backends` lists the backends by import path that configs may name (`module:Class`
+    or `module`); None reads TIFFIN_ALLOWED_BACKENDS each time the repository is read.
     """
 
-    def __init__(self, repository: Path, scheduler: Scheduler) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        scheduler: Scheduler,
+        allowed_backends: Sequence[str] | None = None,
+    ) -> None:
         self.repository = repository
         self._scheduler = scheduler
+        self._allowed_backends = allowed_backends
         self._models: dict[str, ModelState] = {}
 
     async def load_all(self) -> None:
         """Reads the repository and loads every model, several at once; pipelines after the
         models their steps call."""
-        specs = await asyncio.to_thread(read_repository, self.repository)
+        specs = await asyncio.to_thread(read_repository, self.repository, self._allowed_backends)
         pending = {s.name: s for s in specs if _step_models(s)}
         await asyncio.gather(*(self._load(s) for s in specs if s.name not in pending))
         while pending:
@@ -77,19 +88,31 @@ class ModelManager:
             await asyncio.gather(*(self._load(s) for s in batch))
 
     async def load(self, name: str) -> None:
-        """(Re)reads one model folder and loads it; the old versions go after the new are up."""
+        """(Re)reads one model folder and loads it; the old versions go after the new are up.
+
+        `name` comes from a client: it is checked as a model name (one path component)
+        before it touches the disk, so only a folder of the repository is ever read.
+        InvalidInput when the name is not a model name, has no folder, or fails to load.
+        """
+        problem = name_problem(name)
+        if problem:
+            raise InvalidInput(f"failed to load: {problem}")
         path = self.repository / name
         if not path.is_dir():
             raise InvalidInput(f"failed to load '{name}': no model folder {path}")
-        spec = await asyncio.to_thread(read_model, path)
+        spec = await asyncio.to_thread(read_model, path, self._allowed_backends)
         await self._load(spec)
-        state = self._models[name]
+        state = self._models[spec.name]
         if state.error or not state.ready_versions():
             reasons = [state.error] + [s.reason for s in state.versions.values() if s.reason]
             raise InvalidInput(f"failed to load '{name}': " + "; ".join(r for r in reasons if r))
 
     async def unload(self, name: str) -> None:
-        """Unloads every version of a model; it stays known, as UNAVAILABLE."""
+        """Unloads every version of a model; it stays known, as UNAVAILABLE. InvalidInput
+        when `name` is not a model name or not a model this server knows."""
+        problem = name_problem(name)
+        if problem:
+            raise InvalidInput(f"failed to unload: {problem}")
         state = self._models.get(name)
         if state is None:
             raise UnknownModel(f"Request for unknown model: '{name}' is not found")
@@ -113,7 +136,7 @@ class ModelManager:
         """The version that should serve a call, with Triton's errors when there is none."""
         state = self._models.get(name)
         if state is None:
-            raise UnknownModel(f"Request for unknown model: '{name}' is not found")
+            raise UnknownModel(f"Request for unknown model: '{shown(name)}' is not found")
         if version == "":
             ready = state.ready_versions()
             if not ready:
@@ -127,7 +150,7 @@ class ModelManager:
                 raise ValueError
         except ValueError:
             raise InvalidInput(
-                f"failed to get model version from specified version string '{version}' "
+                f"failed to get model version from specified version string '{shown(version)}' "
                 '(use a whole number such as "1", or leave it empty for the newest)'
             ) from None
         found = state.versions.get(number)
@@ -145,7 +168,7 @@ class ModelManager:
     def state(self, name: str) -> ModelState:
         state = self._models.get(name)
         if state is None:
-            raise UnknownModel(f"Request for unknown model: '{name}' is not found")
+            raise UnknownModel(f"Request for unknown model: '{shown(name)}' is not found")
         return state
 
     async def _load(self, spec: ModelSpec) -> None:

@@ -3,20 +3,53 @@
 Every problem is reported as a sentence that names the file, the field path and what
 was expected. A broken model or version is described, never raised, so that the
 rest of the repository still loads.
+
+Nothing outside the repository is read because a config or a request says so: a model
+folder must have a valid model name (protos/names.py); its config.yaml, version folders and
+model files must resolve, after links, to inside the model folder; and a backend named by
+import path must be on the allow-list. A model folder itself may be a link (to a model kept
+elsewhere): the repository's own entries are its owner's choice, and everything inside the
+model is then held to the folder it links to.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
 
-from tiffin.backends import get_backend, resolve_backend_name
+from tiffin.backends import (
+    ALLOWED_BACKENDS_VARIABLE,
+    get_backend,
+    parse_allowed_backends,
+    resolve_backend_name,
+)
 from tiffin.protos.model_config import ModelConfig
+from tiffin.protos.names import name_problem
 
 CONFIG_FILE = "config.yaml"
+
+
+def allowed_backends_from_env() -> tuple[str, ...]:
+    """The import-path backends that TIFFIN_ALLOWED_BACKENDS allows (none when unset); read
+    each time a repository is read, so that importing this module reads nothing."""
+    return parse_allowed_backends(os.environ.get(ALLOWED_BACKENDS_VARIABLE, ""))
+
+
+def _escape(path: Path, folder: Path, what: str) -> str:
+    """Why `path` may not be used: it resolves (after links) outside `folder` (already
+    resolved), called `what` in the sentence; "" when it stays inside."""
+    real = path.resolve()
+    if real.is_relative_to(folder):
+        return ""
+    return (
+        f"{path}: resolves to {real}, outside {what} {folder}; links that lead out of it "
+        "are refused"
+    )
 
 
 @dataclass(frozen=True)
@@ -83,15 +116,27 @@ def _version_folders(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def read_model(model_dir: Path) -> ModelSpec:
+def read_model(model_dir: Path, allowed_backends: Sequence[str] | None = None) -> ModelSpec:
     """Reads one model folder: its config, the versions its policy selects, their files.
 
+    `allowed_backends` lists the import-path backends to accept (`module:Class` or `module`;
+    None: from TIFFIN_ALLOWED_BACKENDS); registered backends are always accepted.
     Independent problems are all reported, not only the first.
     """
     spec = ModelSpec(name=model_dir.name, path=model_dir)
+    problem = name_problem(model_dir.name)
+    if problem:
+        spec.error = f"{model_dir}: the folder's name cannot be served: {problem}"
+        return spec
+    if allowed_backends is None:
+        allowed_backends = allowed_backends_from_env()
+    real_dir = model_dir.resolve()
     config_file = model_dir / CONFIG_FILE
     if not config_file.is_file():
         spec.error = f"{config_file}: file not found (every model folder needs one)"
+        return spec
+    spec.error = _escape(config_file, real_dir, "the model folder")
+    if spec.error:
         return spec
     try:
         config = read_config(config_file)
@@ -105,17 +150,25 @@ def read_model(model_dir: Path) -> ModelSpec:
             f"'{model_dir.name}'"
         )
     available = _version_folders(model_dir)
+    # A version folder that is a link out of the model folder is never looked into.
+    outside = {
+        v: reason
+        for v in available
+        if (reason := _escape(model_dir / str(v), real_dir, "the model folder"))
+    }
     if config.pipeline is not None:
-        return _read_pipeline(spec, config, available, problems)
+        return _read_pipeline(spec, config, available, problems, outside)
     if not available:
         problems.append(
             f"{model_dir}: no version folders; put the model file in a numbered folder "
             f"such as {model_dir / '1'}"
         )
-    files = [p.name for v in available for p in (model_dir / str(v)).iterdir()]
+    files = [p.name for v in available if v not in outside for p in (model_dir / str(v)).iterdir()]
     backend = None
     try:
-        backend_name = resolve_backend_name(config.backend, config.platform, files)
+        backend_name = resolve_backend_name(
+            config.backend, config.platform, files, allowed_backends
+        )
         backend = get_backend(backend_name)
         config = config.model_copy(update={"backend": backend_name})
     except (ValueError, RuntimeError) as exc:
@@ -133,11 +186,22 @@ def read_model(model_dir: Path) -> ModelSpec:
     config = config.model_copy(update={"name": model_dir.name})
     for version in selected:
         version_dir = model_dir / str(version)
-        model_file = backend.model_path(config, version_dir)
+        if version in outside:
+            spec.versions.append(VersionSpec(version, version_dir, None, outside[version]))
+            continue
+        try:
+            model_file = backend.model_path(config, version_dir)
+        except ValueError as exc:
+            spec.versions.append(VersionSpec(version, version_dir, None, f"{config_file}: {exc}"))
+            continue
         if not model_file.exists():
             spec.versions.append(
                 VersionSpec(version, version_dir, None, f"{model_file}: model file not found")
             )
+            continue
+        escape = _escape(model_file, real_dir, "the model folder")
+        if escape:
+            spec.versions.append(VersionSpec(version, version_dir, None, escape))
             continue
         try:
             completed = backend.complete_config(config, model_file)
@@ -161,7 +225,11 @@ def read_model(model_dir: Path) -> ModelSpec:
 
 
 def _read_pipeline(
-    spec: ModelSpec, config: ModelConfig, available: list[int], problems: list[str]
+    spec: ModelSpec,
+    config: ModelConfig,
+    available: list[int],
+    problems: list[str],
+    outside: dict[int, str],
 ) -> ModelSpec:
     """A pipeline has no model file; without version folders it is version 1. Whether its
     steps connect is checked when it loads, against its step models' configs."""
@@ -176,16 +244,25 @@ def _read_pipeline(
         spec.error = "\n".join(problems)
         return spec
     config = config.model_copy(update={"name": spec.name, "platform": "ensemble"})
-    spec.versions = [VersionSpec(v, spec.path / str(v), config) for v in selected]
+    spec.versions = [
+        VersionSpec(v, spec.path / str(v), None, outside[v])
+        if v in outside
+        else VersionSpec(v, spec.path / str(v), config)
+        for v in selected
+    ]
     return spec
 
 
-def read_repository(root: Path) -> list[ModelSpec]:
-    """Every model folder under `root` (hidden folders skipped), sorted by name."""
+def read_repository(root: Path, allowed_backends: Sequence[str] | None = None) -> list[ModelSpec]:
+    """Every model folder under `root` (hidden folders skipped), sorted by name; a folder
+    whose name is not a model name is reported as a broken model. `allowed_backends` as in
+    `read_model`."""
     if not root.is_dir():
         raise FileNotFoundError(f"model repository {root} is not a folder")
+    if allowed_backends is None:
+        allowed_backends = allowed_backends_from_env()
     return [
-        read_model(p)
+        read_model(p, allowed_backends)
         for p in sorted(root.iterdir())
         if p.is_dir() and not p.name.startswith((".", "_"))
     ]

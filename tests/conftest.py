@@ -76,7 +76,12 @@ class ServerProcess:
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": _python_path(), **(env or {})},
+            env={
+                **os.environ,
+                "PYTHONPATH": _python_path(),
+                "TIFFIN_ALLOWED_BACKENDS": "toy_backends",  # the only import-path backends
+                **(env or {}),
+            },
         )
         self.wait_serving()
 
