@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from tiffin.protos.errors import InvalidInput
 from tiffin.protos.model_config import ModelConfig, TensorConfig
 
 from .base import Backend, Device, reject_unknown_parameters
@@ -234,5 +235,8 @@ def _decode_strings(name: str, array: np.ndarray) -> np.ndarray:
         try:
             flat[i] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
         except UnicodeDecodeError:
-            raise ValueError(f"element {i} of input '{name}' is not valid UTF-8 text") from None
+            raise InvalidInput(
+                f"element {i} of input '{name}' is not valid UTF-8 text, which this "
+                "ONNX model's string input needs"
+            ) from None
     return decoded

@@ -9,9 +9,10 @@ from typing import Protocol
 
 import numpy as np
 
-from tiffin.protos.errors import BackendError, ModelNotReady, TiffinError
+from tiffin.protos.errors import BackendError, InvalidInput, ModelNotReady, TiffinError
 from tiffin.protos.model_config import ModelConfig
 
+from .admission import ServiceRate
 from .batcher import DynamicBatcher, Entry
 from .instance import Execution, Instance
 from .request import InferenceRequest, InferenceResponse, ModelKey
@@ -46,6 +47,7 @@ class ModelExecutor:
         self.config = config
         self._output_order = [t.name for t in config.outputs]
         self._batcher = DynamicBatcher(key, config)
+        self._rate = ServiceRate(key)
         self._instances = instances
         self._tasks: list[asyncio.Task[None]] = []
         # Serving tasks parked in next_batch (nothing taken from the queue yet), by instance
@@ -100,6 +102,8 @@ class ModelExecutor:
         error = self._unavailable()
         if error is not None:
             raise error
+        live = sum(1 for i in self._instances if i.alive)
+        self._rate.admit(request, self._batcher.queued(), live)
         return self._batcher.put(request)
 
     async def stop(self) -> None:
@@ -153,9 +157,19 @@ class ModelExecutor:
 
     async def _execute(self, instance: Instance, entries: list[Entry]) -> None:
         started = time.monotonic_ns()
+        now = started / 1e9
+        runnable = []
         for entry in entries:
             self.statistics.record_queue(started - entry.request.arrival_ns)
-        await self._run(instance, entries)
+            too_late = self._rate.too_late(entry.request, now)
+            if too_late is None:
+                runnable.append(entry)
+            else:  # its caller will have given up before this batch finishes
+                self._fail([entry], too_late)
+        if not runnable:
+            return
+        await self._run(instance, runnable)
+        self._rate.record(len(runnable), time.monotonic() - now)
 
     async def _run(self, instance: Instance, entries: list[Entry]) -> None:
         stats = self.statistics
@@ -164,16 +178,18 @@ class ModelExecutor:
         outputs = [name for name in self._output_order if name in wanted]
         try:
             execution = await instance.execute(requests, outputs)
-        except BackendError as exc:
+        except (BackendError, InvalidInput) as exc:
             if len(entries) > 1:
                 # One bad request must not fail those it was batched with: run each alone,
                 # so that only the request(s) the backend rejects fail.
                 for entry in entries:
                     await self._run(instance, [entry])
                 return
-            error = BackendError(
-                f"model '{self.key.name}' version {self.key.version} failed: {exc.message}"
-            )
+            prefix = f"model '{self.key.name}' version {self.key.version}"
+            if isinstance(exc, InvalidInput):
+                self._fail(entries, InvalidInput(f"{prefix} rejected the request: {exc.message}"))
+                return
+            error = BackendError(f"{prefix} failed: {exc.message}")
             log.warning("%s", error.message)
             self._fail(entries, error)
             return

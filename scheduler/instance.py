@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tiffin.backends import Backend, Device, get_batch_backend
-from tiffin.protos.errors import BackendError, ModelNotReady
+from tiffin.protos.errors import BackendError, InvalidInput, ModelNotReady
 from tiffin.protos.model_config import ModelConfig
 
 from .arena import Arena
@@ -111,6 +111,8 @@ class InlineInstance:
         begin = time.perf_counter_ns()
         try:
             results = self._backend.infer(inputs, outputs)
+        except InvalidInput:  # the request's fault, not the model's
+            raise
         except Exception as exc:
             raise BackendError(str(exc) or type(exc).__name__) from exc
         infer_ns = time.perf_counter_ns() - begin
@@ -303,6 +305,8 @@ class WorkerInstance:
         message = await future
         if message[0] == "error":
             raise BackendError(message[1])
+        if message[0] == "invalid":
+            raise InvalidInput(message[1])
         _, output_refs, infer_ns = message
         return Execution(
             {ref.name: view(self._arena, ref) for ref in output_refs}, True, input_ns, infer_ns

@@ -7,7 +7,8 @@ headers; tensors stay in the shared-memory arena.
   frontend -> worker   ("infer", [TensorRef inputs], [output names], first free offset)
                        ("stop",)
   worker -> frontend   ("ready", {pid, environment})  or  ("failed", message)   once
-                       ("done", [TensorRef outputs], infer_ns)  or  ("error", message)
+                       ("done", [TensorRef outputs], infer_ns), ("error", message)
+                       or ("invalid", message) when the backend raised InvalidInput
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def run_worker(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the frontend's to handle
 
     from tiffin.backends import Device, get_batch_backend
+    from tiffin.protos.errors import InvalidInput
     from tiffin.protos.model_config import ModelConfig
 
     from .arena import Arena
@@ -70,6 +72,8 @@ def run_worker(
                 ref, free_offset = write(arena, name, _as_array(results[name]), free_offset)
                 refs.append(ref)
             reply: tuple[Any, ...] = ("done", refs, infer_ns)
+        except InvalidInput as exc:  # the request's fault, not the model's
+            reply = ("invalid", exc.message)
         except Exception as exc:
             reply = ("error", str(exc) or type(exc).__name__)
         conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))

@@ -13,6 +13,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from tiffin.backends import parse_allowed_backends
 from tiffin.protos import SERVICE_NAME, protocol
 from tiffin.scheduler import Scheduler
 from tiffin.scheduler.arena import remove_stale_arenas
@@ -60,7 +61,11 @@ class Server:
             target=self._loop.run_forever, name="scheduler-loop", daemon=True
         )
         self._scheduler = Scheduler()
-        self._manager = ModelManager(settings.model_repository, self._scheduler)
+        self._manager = ModelManager(
+            settings.model_repository,
+            self._scheduler,
+            allowed_backends=parse_allowed_backends(settings.allowed_backends),
+        )
         self._stopped = threading.Event()
         self._grpc: grpc.Server | None = None
         self._health: Health | None = None

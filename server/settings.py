@@ -53,6 +53,12 @@ class ServerSettings(BaseModel):
     max_message_bytes: int = Field(
         MAX_MESSAGE_BYTES, ge=1024, description="Largest request or response message, in bytes."
     )
+    allowed_backends: str = Field(
+        "",
+        description="Backends that config.yaml may name by import path, comma-separated: "
+        "'module:Class', or 'module' for every class in it and its submodules; others are "
+        "refused, so that a config cannot import arbitrary code.",
+    )
     strict_readiness: bool = Field(
         False, description="ServerReady only when every model is ready (Triton's default)."
     )

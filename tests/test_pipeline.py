@@ -249,7 +249,11 @@ def test_validate_reports_pipeline_problems(repository: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+        env={
+            **os.environ,
+            "PYTHONPATH": str(Path(__file__).parent),
+            "TIFFIN_ALLOWED_BACKENDS": "toy_backends",
+        },
     )
     assert result.returncode == 1, result.stdout
     assert "ok      twice (version 1)" in result.stdout
