@@ -314,7 +314,7 @@ class InferenceService:
     def _check_repository(self, name: str) -> None:
         if name != self._manager.repository.name:
             raise InvalidInput(
-                f"unknown repository '{name}'; this server serves '{self._manager.repository.name}'"
+                f"unknown repository '{shown(name)}'; this server serves '{self._manager.repository.name}'"
             )
 
     # ---- inference -----------------------------------------------------------------------
