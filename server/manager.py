@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tiffin.protos.errors import InvalidInput, ModelNotFound, ModelNotReady, UnknownModel
 from tiffin.protos.model_config import ModelConfig
-from tiffin.protos.names import name_problem, shown
+from tiffin.protos.names import name_problem, parse_version, shown
 from tiffin.scheduler import ModelKey, Scheduler
 
 from .pipelines import complete_pipeline
@@ -145,14 +145,10 @@ class ModelManager:
                 )
             return state.versions[ready[-1]].spec
         try:
-            number = int(version)
-            if number < 0:
-                raise ValueError
-        except ValueError:
-            raise InvalidInput(
-                f"failed to get model version from specified version string '{shown(version)}' "
-                '(use a whole number such as "1", or leave it empty for the newest)'
-            ) from None
+            number = parse_version(version)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        assert number is not None  # "" was handled above
         found = state.versions.get(number)
         if found is None:
             raise ModelNotFound(
