@@ -115,7 +115,7 @@ class ModelManager:
             raise InvalidInput(f"failed to unload: {problem}")
         state = self._models.get(name)
         if state is None:
-            raise UnknownModel(f"Request for unknown model: '{name}' is not found")
+            raise UnknownModel(f"Request for unknown model: '{shown(name)}' is not found")
         await self._retire(state, reason="unloaded")
 
     async def unload_all(self) -> None:

@@ -23,10 +23,9 @@ from tiffin.protos.errors import (
     InvalidInput,
     ServerNotReady,
     TiffinError,
-    UnknownModel,
     Unsupported,
 )
-from tiffin.protos.names import is_model_name, parse_version, shown
+from tiffin.protos.names import shown
 from tiffin.scheduler import ModelKey, Scheduler
 from tiffin.scheduler.statistics import DURATIONS
 
@@ -116,16 +115,6 @@ class InferenceService:
                 limits[model.name] = max(fixed) if len(fixed) == len(sizes) else None
         self._infer_decoder.limits = limits
 
-    def _resolve(self, name: str, version: str) -> Any:
-        """The version spec serving `name` at `version`, after checking both as names."""
-        if not is_model_name(name):
-            raise UnknownModel(f"Request for unknown model: '{shown(name)}' is not found")
-        try:
-            parse_version(version)
-        except ValueError as exc:
-            raise InvalidInput(str(exc)) from None
-        return self._manager.resolve(name, version)
-
     def generic_handler(self) -> grpc.GenericRpcHandler:
         """Handlers for every RPC in inference.proto; those not offered answer UNIMPLEMENTED."""
         handlers = {}
@@ -174,8 +163,6 @@ class InferenceService:
 
     @_rpc
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
-        if not is_model_name(request.name):
-            raise UnknownModel(f"Request for unknown model: '{shown(request.name)}' is not found")
         state = self._manager.state(request.name)
         loading = [v for v, s in state.versions.items() if s.state == LOADING]
         if request.version == "" and loading and not state.ready_versions():
@@ -183,7 +170,7 @@ class InferenceService:
         if request.version.isascii() and request.version.isdigit():
             if int(request.version) in loading:
                 return self._pb.ModelReadyResponse(ready=False)
-        self._resolve(request.name, request.version)
+        self._manager.resolve(request.name, request.version)
         return self._pb.ModelReadyResponse(ready=not self._state.stopping)
 
     @_rpc
@@ -194,7 +181,7 @@ class InferenceService:
 
     @_rpc
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
-        spec = self._resolve(request.name, request.version)
+        spec = self._manager.resolve(request.name, request.version)
         config = spec.config
         assert config is not None
         versions = (
@@ -218,7 +205,7 @@ class InferenceService:
 
     @_rpc
     def ModelConfig(self, request: Any, context: grpc.ServicerContext) -> Any:
-        spec = self._resolve(request.name, request.version)
+        spec = self._manager.resolve(request.name, request.version)
         assert spec.config is not None
         return self._pb.ModelConfigResponse(config=config_message(spec.config))
 
@@ -227,13 +214,11 @@ class InferenceService:
         if request.name:
             if request.version:
                 keys = [
-                    ModelKey(request.name, self._resolve(request.name, request.version).version)
+                    ModelKey(
+                        request.name, self._manager.resolve(request.name, request.version).version
+                    )
                 ]
             else:
-                if not is_model_name(request.name):
-                    raise UnknownModel(
-                        f"Request for unknown model: '{shown(request.name)}' is not found"
-                    )
                 state = self._manager.state(request.name)
                 keys = [ModelKey(request.name, v) for v in state.ready_versions()]
         else:
@@ -314,7 +299,8 @@ class InferenceService:
     def _check_repository(self, name: str) -> None:
         if name != self._manager.repository.name:
             raise InvalidInput(
-                f"unknown repository '{shown(name)}'; this server serves '{self._manager.repository.name}'"
+                f"unknown repository '{shown(name)}'; this server serves "
+                f"'{self._manager.repository.name}'"
             )
 
     # ---- inference -----------------------------------------------------------------------
@@ -325,7 +311,7 @@ class InferenceService:
         """Validates and queues a request: its Pending, and the config it was checked against
         (which encodes the response)."""
         self._state.check_accepting()
-        spec = self._resolve(msg.model_name, msg.model_version)
+        spec = self._manager.resolve(msg.model_name, msg.model_version)
         assert spec.config is not None
         request = decode_request(msg, ModelKey(msg.model_name, spec.version), spec.config, deadline)
         return self._bridge.submit(request), spec.config
