@@ -308,7 +308,9 @@ def test_cancelled_or_expired_callers_are_dropped_from_the_remote_queue(client, 
     context = client.async_infer("slow", [value_input(0.0)], lambda result, error: None)
     with pytest.raises(InferenceServerException) as info:
         client.infer("slow", [value_input(0.0)], client_timeout=0.2)
-    assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    # The remote refuses it at once when its measured batch time says the deadline cannot
+    # be met (RESOURCE_EXHAUSTED), else drops it from its queue at the deadline.
+    assert info.value.status() in ("StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED")
     context.cancel()
     blocker.join(30)
     time.sleep(0.3)
