@@ -30,11 +30,12 @@ from tiffin.scheduler import ModelKey, Scheduler
 from tiffin.scheduler.statistics import DURATIONS
 
 from .bridge import LoopBridge, Pending
+from .capacity import InferenceSlots, StreamGate, reserved_threads
 from .config_message import config_message
 from .inference import decode_request, encode_response, max_request_bytes
 from .manager import LOADING, READY, ModelManager
 from .settings import ServerSettings
-from .streams import Failure, StreamGate, StreamItem, StreamSession
+from .streams import Failure, StreamItem, StreamSession
 from .wire import RequestDecoder, Undecodable, plain_decoder
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,9 @@ class InferenceService:
         self._strict = settings.strict_readiness
         self._on_models_changed = on_models_changed
         self._infer_decoder = RequestDecoder(self._pb.ModelInferRequest, settings.max_message_bytes)
+        self._inference = InferenceSlots(
+            settings.grpc_threads - reserved_threads(settings.grpc_threads)
+        )
         self._streams = StreamGate(settings.stream_limit, settings.max_streams_per_connection)
         self._stream_window = settings.max_stream_inflight
         self._stream_idle = settings.stream_idle_timeout_seconds or None
@@ -324,9 +328,13 @@ class InferenceService:
             if remaining <= 0:  # it waited for a handler thread past its deadline
                 raise DeadlineExceeded("the client's deadline passed before the request started")
             deadline = time.monotonic() + remaining
-        pending, config = self._start_infer(request, deadline)
-        context.add_callback(pending.cancel)  # the client went away: drop the request
-        return encode_response(pending.wait(), config)
+        self._inference.take()
+        try:
+            pending, config = self._start_infer(request, deadline)
+            context.add_callback(pending.cancel)  # the client went away: drop the request
+            return encode_response(pending.wait(), config)
+        finally:
+            self._inference.give_back()
 
     def ModelStreamInfer(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
@@ -340,6 +348,11 @@ class InferenceService:
         peer = context.peer()
         try:
             self._streams.enter(peer)
+            try:
+                self._inference.take()
+            except TiffinError:
+                self._streams.leave(peer)
+                raise
         except TiffinError as exc:
             context.abort(exc.code, exc.message)
         remaining = context.time_remaining()
@@ -372,6 +385,7 @@ class InferenceService:
                 session.answered()
         finally:
             session.close()
+            self._inference.give_back()
             self._streams.leave(peer)
 
     def _stream_response(self, item: StreamItem, session: StreamSession) -> Any:

@@ -1,12 +1,10 @@
-"""ModelStreamInfer's two limits: how many streams may be open, and how far one stream may
-run ahead of its client.
+"""One ModelStreamInfer stream: its requests read on a thread of their own, its responses
+written in request order, and how far it may run ahead of its client.
 
-Each open stream holds a gRPC handler thread (it writes the responses) and a reader
-thread of its own (so that its requests run concurrently). `StreamGate` keeps streams
-to a share of the handler threads, so health checks and unary calls always find one,
-and to a number per connection. `StreamSession` reads a stream's requests only while
-fewer than `window` of them are unanswered: a client that stops reading its responses
-stops the server reading its requests, and gRPC's flow control then stops the client.
+`StreamSession` reads a stream's requests only while fewer than `window` of them are
+unanswered: a client that stops reading its responses stops the server reading its
+requests, and gRPC's flow control then stops the client. (How many streams may be open
+at once is `capacity.StreamGate`'s.)
 
 Nothing that crosses between a stream's two threads is a protobuf message or an
 exception with a traceback: only strings, a `Pending` and a `Failure`.
@@ -23,55 +21,13 @@ from typing import Any
 
 import grpc
 
-from tiffin.protos.errors import Overloaded, TiffinError
+from tiffin.protos.errors import TiffinError
 from tiffin.protos.model_config import ModelConfig
 
 from .bridge import Pending
 from .wire import Undecodable
 
 log = logging.getLogger(__name__)
-
-
-class StreamGate:
-    """Admits a stream while fewer than `max_streams` are open in all, and fewer than
-    `per_connection` on the stream's own connection."""
-
-    def __init__(self, max_streams: int, per_connection: int) -> None:
-        self._max = max_streams
-        self._per_connection = per_connection
-        self._lock = threading.Lock()
-        self._open = 0
-        self._by_peer: dict[str, int] = {}
-
-    def enter(self, peer: str) -> None:
-        """Counts a new stream; Overloaded (RESOURCE_EXHAUSTED) when a limit is reached."""
-        with self._lock:
-            if self._open >= self._max:
-                raise Overloaded(
-                    f"the server already has {self._max} streams open, its limit "
-                    "(--max-streams); retry later, or send unary requests"
-                )
-            on_peer = self._by_peer.get(peer, 0)
-            if on_peer >= self._per_connection:
-                raise Overloaded(
-                    f"this connection already has {on_peer} streams open, the limit per "
-                    "connection (--max-streams-per-connection); close one first"
-                )
-            self._open += 1
-            self._by_peer[peer] = on_peer + 1
-
-    def leave(self, peer: str) -> None:
-        with self._lock:
-            self._open -= 1
-            left = self._by_peer[peer] - 1
-            if left:
-                self._by_peer[peer] = left
-            else:
-                del self._by_peer[peer]
-
-    @property
-    def open(self) -> int:
-        return self._open
 
 
 @dataclass(frozen=True)
