@@ -14,6 +14,7 @@ VERBS = {
     "limit": "limit",
     "echo": "echo",
     "load": "load",
+    "overload": "overload",
 }
 
 

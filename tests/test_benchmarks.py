@@ -181,3 +181,133 @@ def test_compare_prints_the_change():
     assert "1,000" in line and "1,500" in line and "+50.0%" in line and "-20.0%" in line
     assert "limit mlp: 20,000 -> 22,000 items/s (+10.0%)" in text
     assert "only in B: tiffin mlp unary lean c=8" in text
+
+
+# ---- python -m benchmarks overload -------------------------------------------------------
+
+OVERLOAD_COUNTS = (
+    "OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "other", "not_sent"
+)  # fmt: skip
+
+
+def _check_phase(f: dict, capacity: float) -> None:
+    """The figures of one phase agree with each other (whatever the speed)."""
+    assert set(f["counts"]) == set(OVERLOAD_COUNTS)
+    assert sum(f["counts"].values()) == f["offered"]
+    assert sum(f["other_codes"].values()) == f["counts"]["other"]
+    assert f["counts"]["OK"] == f["good"] + f["ok_late"]
+    assert sum(b["offered"] for b in f["timeline"]) == f["offered"]
+    assert sum(b["good"] for b in f["timeline"]) == f["good"]
+    assert f["offered_rate"] == pytest.approx(f["offered"] / f["duration_s"])
+    assert f["goodput"] == pytest.approx(f["good"] / f["duration_s"])
+    assert f["goodput_ratio"] == pytest.approx(f["goodput"] / capacity)
+    for key in ("admitted_ms", "refused_ms", "deadline_exceeded_ms", "lag_ms"):
+        q = f[key]
+        if q is not None:
+            assert all(_finite(q[k]) for k in ("p50", "p99", "max"))
+            assert q["p50"] <= q["p99"] <= q["max"]
+    assert (f["admitted_ms"] is None) == (f["counts"]["OK"] == 0)
+    assert isinstance(f["kept_schedule"], bool)
+
+
+@pytest.mark.timeout(150)
+def test_overload_run_writes_json(tmp_path: Path):
+    """Short phases at a low rate (a few percent of the measured capacity) against a real
+    server: the report is complete and its counts add up."""
+    server_cpus, client_cpus = _cpus()
+    command = [
+        sys.executable, "-m", "benchmarks", "overload",
+        "--model", "mlp",
+        "--capacity-concurrency", "8",
+        "--capacity-seconds", "1",
+        "--capacity-warmup", "0.3",
+        "--overload", "0.05",
+        "--duration", "2",
+        "--recovery-load", "0.02",
+        "--recovery-duration", "2",
+        "--deadline-ms", "1000",
+        "--server-cpus", server_cpus,
+        "--client-cpus", client_cpus,
+        "--out", str(tmp_path),
+        "--model-repository", str(tmp_path / "models"),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=140)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = json.loads((tmp_path / "overload.json").read_text())
+    for key in ("environment", "pinning", "load_average", "settings", "capacity", "phases"):
+        assert key in run, key
+    assert run["environment"]["packages"]["grpcio"] and "tiffin_commit" in run["environment"]
+    assert run["pinning"] == {**run["pinning"], "server_cpus": server_cpus}
+    for when in ("before", "after"):
+        assert len(run["load_average"][when]) == 3
+    assert run["capacity"]["measured"] and run["capacity"]["req_per_s"] > 0
+    assert run["server_exit_status"] == 0 and run["notes"] == []
+
+    capacity = run["capacity"]["req_per_s"]
+    phases = run["phases"]
+    assert list(phases) == ["overload", "recovery"]
+    for f in phases.values():
+        _check_phase(f, capacity)
+    assert phases["overload"]["offered"] > 0
+    assert phases["overload"]["rate"] == pytest.approx(0.05 * capacity)
+    assert phases["recovery"]["rate"] == pytest.approx(0.02 * capacity)
+    assert "recovery_s" in phases["recovery"]
+
+    work = run["server_work"]
+    assert work["answered_in_time"] == sum(f["good"] for f in phases.values())
+    assert isinstance(work["rows_executed"], int) and isinstance(work["settled"], bool)
+    target = run["target"]
+    assert target["goodput_ratio"] == phases["overload"]["goodput_ratio"]
+    assert target["pass"] == (target["goodput_ok"] and target["admitted_p99_ok"])
+
+    text = (tmp_path / "overload.md").read_text()
+    assert text.startswith("# Tiffin overload benchmark")
+    assert "| overload | 0.05x, 2 s |" in text and "| recovery | 0.02x, 2 s |" in text
+    assert "## Against the target" in text and ("**PASS**" in text or "**FAIL**" in text)
+
+
+def test_overload_summary_counts_and_recovery():
+    """Figures from made-up records: phases by scheduled time, good = OK within the deadline,
+    recovery = the first window from which a second's worth of requests are good."""
+    from benchmarks.overload_report import Phase, Records, summarise
+
+    records = Records()
+
+    def add(t: float, waited: float, code: str) -> None:
+        records.scheduled.append(t)
+        records.sent.append(t + 0.001)
+        records.done.append(t + waited)
+        records.codes.append(code)
+
+    for i in range(100):  # overload, 0..1 s: 40 good, 10 OK too late, 30 refused, 20 expired
+        if i < 50:
+            add(i / 100, 0.2 if i < 40 else 1.5, "OK")
+        elif i < 80:
+            add(i / 100, 0.01, "RESOURCE_EXHAUSTED")
+        else:
+            add(i / 100, 1.0, "DEADLINE_EXCEEDED")
+    for i in range(40):  # recovery, 1..3 s: expired before 1.5 s, good from then on
+        t = 1 + i / 20
+        add(t, 0.1 if t >= 1.5 else 1.0, "OK" if t >= 1.5 else "DEADLINE_EXCEEDED")
+    add(1.12, 0.0, "NOT_SENT")
+    add(1.13, 0.0, "INVALID_RESPONSE")
+    phases = [Phase("overload", 2.0, 100.0, 0.0, 1.0), Phase("recovery", 0.5, 20.0, 1.0, 2.0)]
+    s = summarise(records, phases, capacity=50.0, deadline_s=1.0, rows=120)
+
+    over, rec = s["phases"]["overload"], s["phases"]["recovery"]
+    assert over["counts"] == {
+        "OK": 50, "RESOURCE_EXHAUSTED": 30, "UNAVAILABLE": 0, "DEADLINE_EXCEEDED": 20,
+        "other": 0, "not_sent": 0,
+    }  # fmt: skip
+    assert over["good"] == 40 and over["ok_late"] == 10
+    assert over["goodput"] == pytest.approx(40.0) and over["goodput_ratio"] == pytest.approx(0.8)
+    assert over["refused_ms"]["p99"] == pytest.approx(10.0)
+    assert rec["offered"] == 42 and rec["counts"]["not_sent"] == 1
+    assert rec["other_codes"] == {"INVALID_RESPONSE": 1}
+    assert rec["kept_schedule"] is False  # one request not sent
+    # Windows of 0.25 s from the drop at 1 s: [1.5, 1.75) starts a second of good ones.
+    assert rec["recovery_s"] == pytest.approx(0.5)
+    assert s["server_work"]["answered_in_time"] == 40 + 30
+    assert s["server_work"]["wasted_fraction"] == pytest.approx(1 - 70 / 120)
+    assert s["target"]["goodput_ok"] and s["target"]["admitted_p99_ok"] is False
+    assert s["target"]["pass"] is False
