@@ -25,8 +25,6 @@ from tiffin.protos.tensors import (
 )
 from tiffin.scheduler import InferenceRequest, InferenceResponse, ModelKey
 
-from .wire import REQUEST_OVERHEAD_BYTES
-
 # Request parameters Triton interprets, with the InferParameter member each must use.
 _RESERVED_TYPES: dict[str, tuple[str, ...]] = {
     "sequence_id": ("int64_param", "string_param", "uint64_param"),
@@ -192,33 +190,6 @@ def decode_request(
         deadline=deadline,
         arrival_ns=time.monotonic_ns(),
     )
-
-
-# Bytes one element may take in typed `contents`: integers are varints (up to 10 bytes).
-_TYPED_ELEMENT_BYTES = {
-    "int_contents": 10,
-    "int64_contents": 10,
-    "uint_contents": 10,
-    "uint64_contents": 10,
-    "bool_contents": 1,
-    "fp32_contents": 4,
-    "fp64_contents": 8,
-}
-
-
-def max_request_bytes(config: ModelConfig) -> int | None:
-    """The largest ModelInferRequest the model can accept: its largest batch of every input,
-    raw or typed, plus room for names and parameters; None when an input has a variable
-    dimension or is BYTES, so that no fixed bound exists."""
-    rows = config.max_batch_size if config.batching and config.max_batch_size else 1
-    total = REQUEST_OVERHEAD_BYTES
-    for tensor in config.inputs:
-        dtype = DATATYPES[tensor.datatype]
-        if dtype.itemsize == 0 or -1 in tensor.dims:
-            return None
-        per_element = max(dtype.itemsize, _TYPED_ELEMENT_BYTES.get(dtype.contents_field or "", 0))
-        total += rows * element_count(tensor.dims) * per_element
-    return total
 
 
 def _check_byte_size(name: str, model: str, dtype: Datatype, shape: list[int], size: int) -> None:

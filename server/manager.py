@@ -73,10 +73,15 @@ class ModelManager:
         self._allowed_backends = allowed_backends
         self._models: dict[str, ModelState] = {}
 
-    async def load_all(self) -> None:
-        """Reads the repository and loads every model, several at once; pipelines after the
-        models their steps call."""
-        specs = await asyncio.to_thread(read_repository, self.repository, self._allowed_backends)
+    def read_all(self) -> list[ModelSpec]:
+        """Reads every model folder of the repository (nothing is loaded)."""
+        return read_repository(self.repository, self._allowed_backends)
+
+    async def load_all(self, specs: list[ModelSpec] | None = None) -> None:
+        """Loads every model of the repository (as `read_all` read it, or reads it now),
+        several at once; pipelines after the models their steps call."""
+        if specs is None:
+            specs = await asyncio.to_thread(self.read_all)
         pending = {s.name: s for s in specs if _step_models(s)}
         await asyncio.gather(*(self._load(s) for s in specs if s.name not in pending))
         while pending:

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tiffin.backends import parse_allowed_backends
-from tiffin.protos import SERVICE_NAME, protocol
+from tiffin.protos import MAX_MESSAGE_BYTES, SERVICE_NAME, protocol
 from tiffin.scheduler import Scheduler
 from tiffin.scheduler.arena import remove_stale_arenas
 
@@ -22,6 +22,7 @@ from .health import Health
 from .manager import ModelManager
 from .service import InferenceService, ServerState
 from .settings import ServerSettings
+from .wire import message_limit
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,16 @@ class Server:
             raise FileNotFoundError(f"model repository {s.model_repository} is not a folder")
         remove_stale_arenas()
         self._loop_thread.start()
+        specs = self._manager.read_all()
+        # gRPC refuses a larger message from its length prefix, before receiving it: a
+        # repository of fixed-size models is not made to buffer a 2 GiB body.
+        receive_limit = s.max_message_bytes or message_limit(
+            v.config for spec in specs for v in spec.versions if v.config is not None
+        )
+        log.info("request messages may be up to %d bytes", receive_limit)
         options = [
-            ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes or MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", receive_limit),
             ("grpc.so_reuseport", 0),  # a taken port must fail loudly, not be shared
         ]
         self._grpc = grpc.server(
@@ -97,6 +105,7 @@ class Server:
             self._state,
             _version(),
             s,
+            receive_limit,
             self._models_changed,
         )
         self._service = service
@@ -118,7 +127,7 @@ class Server:
             raise OSError(f"cannot listen on {address}: {exc}") from None
         self._grpc.start()
         log.info("listening for gRPC on %s:%d", s.host, self.port)
-        asyncio.run_coroutine_threadsafe(self._manager.load_all(), self._loop).result()
+        asyncio.run_coroutine_threadsafe(self._manager.load_all(specs), self._loop).result()
         self._state.loaded = True
         self._models_changed()
         ready = sum(1 for m in self._manager.models() if m.ready_versions())

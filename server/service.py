@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from tiffin.protos import SERVICE_NAME, model_config, protocol
+from tiffin.protos import MAX_MESSAGE_BYTES, SERVICE_NAME, model_config, protocol
 from tiffin.protos.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -32,11 +32,11 @@ from tiffin.scheduler.statistics import DURATIONS
 from .bridge import LoopBridge, Pending
 from .capacity import InferenceSlots, StreamGate, reserved_threads
 from .config_message import config_message
-from .inference import decode_request, encode_response, max_request_bytes
+from .inference import decode_request, encode_response
 from .manager import LOADING, READY, ModelManager
 from .settings import ServerSettings
 from .streams import Failure, StreamItem, StreamSession
-from .wire import RequestDecoder, Undecodable, plain_decoder
+from .wire import RequestDecoder, Undecodable, max_request_bytes, plain_decoder
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class InferenceService:
         state: ServerState,
         version: str,
         settings: ServerSettings,
+        receive_limit: int,
         on_models_changed: Callable[[], None],
     ) -> None:
         self._pb = protocol()
@@ -100,7 +101,9 @@ class InferenceService:
         self._version = version
         self._strict = settings.strict_readiness
         self._on_models_changed = on_models_changed
-        self._infer_decoder = RequestDecoder(self._pb.ModelInferRequest, settings.max_message_bytes)
+        self._infer_decoder = RequestDecoder(self._pb.ModelInferRequest)
+        self._receive_limit = receive_limit
+        self._warned: set[str] = set()  # models told to need more than receive_limit
         self._inference = InferenceSlots(
             settings.grpc_threads - reserved_threads(settings.grpc_threads)
         )
@@ -118,6 +121,17 @@ class InferenceService:
                 fixed = [size for size in sizes if size is not None]
                 limits[model.name] = max(fixed) if len(fixed) == len(sizes) else None
         self._infer_decoder.limits = limits
+        for name, limit in limits.items():
+            needs_more = limit is None or limit > self._receive_limit
+            if needs_more and name not in self._warned and self._receive_limit < MAX_MESSAGE_BYTES:
+                self._warned.add(name)
+                log.warning(
+                    "model '%s' accepts requests larger than this server's message limit "
+                    "(%d bytes, set when it started from the repository's models); restart "
+                    "the server, or set --max-message-bytes, to let them through",
+                    name,
+                    self._receive_limit,
+                )
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         """Handlers for every RPC in inference.proto; those not offered answer UNIMPLEMENTED."""

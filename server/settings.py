@@ -7,9 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from tiffin.protos import MAX_MESSAGE_BYTES
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENV_PREFIX = "TIFFIN_"
 
@@ -51,8 +49,20 @@ class ServerSettings(BaseModel):
         "(UNAVAILABLE); 0: never.",
     )
     max_message_bytes: int = Field(
-        MAX_MESSAGE_BYTES, ge=1024, description="Largest request or response message, in bytes."
+        0,
+        ge=0,
+        description="Largest request or response message, in bytes; 0: requests up to what "
+        "the repository's models can accept (the largest batch of every input; 2 GiB - 1 if "
+        "a model's inputs have no fixed size), responses up to 2 GiB - 1.",
     )
+
+    @field_validator("max_message_bytes")
+    @classmethod
+    def _room_for_a_message(cls, value: int) -> int:
+        if 0 < value < 1024:
+            raise ValueError(f"must be 0 (automatic) or at least 1024, got {value}")
+        return value
+
     allowed_backends: str = Field(
         "",
         description="Backends that config.yaml may name by import path, comma-separated: "

@@ -373,6 +373,31 @@ def test_oversized_body_is_refused_before_parsing(server):
     assert rss_mb(pid) < 1500
 
 
+def test_a_repository_of_fixed_size_models_never_receives_a_huge_body(tmp_path):
+    """When every model's inputs have fixed dims, gRPC itself refuses a request larger than
+    the largest batch from its length prefix: a 256 MiB body costs the server no memory and
+    stalls nobody (a 1 GiB body stalled health checks for 6 s and left 2 GB held)."""
+    config, build = MODELS["vector"]
+    write_model(tmp_path, "vector", config, {1: build})
+    fixed = ServerProcess(tmp_path)
+    try:
+        assert "request messages may be up to 65664 bytes" in fixed.log()
+        before = rss_mb(fixed.proc.pid)
+        message = vector_request()
+        message.raw_input_contents[0] = b"\0" * (256 << 20)
+        with grpc.insecure_channel(
+            fixed.url, options=[("grpc.max_send_message_length", 2**31 - 1)]
+        ) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                infer_stub(channel)(message.SerializeToString(), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in caught.value.details()
+        assert rss_mb(fixed.proc.pid) - before < 20
+        assert infer_ok(fixed.url) == 16
+    finally:
+        assert fixed.stop() == 0
+
+
 def test_undecodable_bodies_are_invalid_argument_without_a_traceback(server):
     """Bytes that are not a ModelInferRequest: INVALID_ARGUMENT (was INTERNAL, with a
     400-byte traceback logged and ~18 KB kept per request)."""
