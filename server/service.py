@@ -30,7 +30,7 @@ from tiffin.scheduler import ModelKey, Scheduler
 from tiffin.scheduler.statistics import DURATIONS
 
 from .bridge import LoopBridge, Pending
-from .capacity import InferenceSlots, StreamGate, reserved_threads
+from .capacity import StreamGate
 from .config_message import config_message
 from .inference import decode_request, encode_response
 from .manager import LOADING, READY, ModelManager
@@ -104,9 +104,6 @@ class InferenceService:
         self._infer_decoder = RequestDecoder(self._pb.ModelInferRequest)
         self._receive_limit = receive_limit
         self._warned: set[str] = set()  # models told to need more than receive_limit
-        self._inference = InferenceSlots(
-            settings.grpc_threads - reserved_threads(settings.grpc_threads)
-        )
         self._streams = StreamGate(settings.stream_limit, settings.max_streams_per_connection)
         self._stream_window = settings.max_stream_inflight
         self._stream_idle = settings.stream_idle_timeout_seconds or None
@@ -342,13 +339,9 @@ class InferenceService:
             if remaining <= 0:  # it waited for a handler thread past its deadline
                 raise DeadlineExceeded("the client's deadline passed before the request started")
             deadline = time.monotonic() + remaining
-        self._inference.take()
-        try:
-            pending, config = self._start_infer(request, deadline)
-            context.add_callback(pending.cancel)  # the client went away: drop the request
-            return encode_response(pending.wait(), config)
-        finally:
-            self._inference.give_back()
+        pending, config = self._start_infer(request, deadline)
+        context.add_callback(pending.cancel)  # the client went away: drop the request
+        return encode_response(pending.wait(), config)
 
     def ModelStreamInfer(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
@@ -362,11 +355,6 @@ class InferenceService:
         peer = context.peer()
         try:
             self._streams.enter(peer)
-            try:
-                self._inference.take()
-            except TiffinError:
-                self._streams.leave(peer)
-                raise
         except TiffinError as exc:
             context.abort(exc.code, exc.message)
         remaining = context.time_remaining()
@@ -399,7 +387,6 @@ class InferenceService:
                 session.answered()
         finally:
             session.close()
-            self._inference.give_back()
             self._streams.leave(peer)
 
     def _stream_response(self, item: StreamItem, session: StreamSession) -> Any:
