@@ -102,9 +102,14 @@ class ModelExecutor:
         error = self._unavailable()
         if error is not None:
             raise error
-        live = sum(1 for i in self._instances if i.alive)
-        self._rate.admit(request, self._batcher.queued(), live)
+        self.admit(request.deadline)
         return self._batcher.put(request)
+
+    def admit(self, deadline: float | None) -> None:
+        """Raises Overloaded when a request with this deadline cannot be answered in time
+        (callable from any thread: it only reads)."""
+        live = sum(1 for i in self._instances if i.alive)
+        self._rate.admit(deadline, self._batcher.queued(), live)
 
     async def stop(self) -> None:
         """Stops taking requests, finishes those queued and running, then unloads."""
@@ -169,7 +174,9 @@ class ModelExecutor:
         if not runnable:
             return
         await self._run(instance, runnable)
-        self._rate.record(len(runnable), time.monotonic() - now)
+        finished = time.monotonic()
+        self._rate.record(instance.name, len(runnable), now, finished)
+        self._rate.backlog(instance.name, finished, self._batcher.queued() > 0)
 
     async def _run(self, instance: Instance, entries: list[Entry]) -> None:
         stats = self.statistics

@@ -328,7 +328,9 @@ class InferenceService:
         self._state.check_accepting()
         spec = self._manager.resolve(msg.model_name, msg.model_version)
         assert spec.config is not None
-        request = decode_request(msg, ModelKey(msg.model_name, spec.version), spec.config, deadline)
+        key = ModelKey(msg.model_name, spec.version)
+        self._scheduler.admit(key, deadline)  # refused before the work of decoding it
+        request = decode_request(msg, key, spec.config, deadline)
         return self._bridge.submit(request), spec.config
 
     @_rpc

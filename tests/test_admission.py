@@ -22,18 +22,18 @@ def request(seconds_left: float | None) -> InferenceRequest:
 def rate_of(requests_per_batch: int, batch_seconds: float) -> ServiceRate:
     rate = ServiceRate(KEY)
     for _ in range(50):
-        rate.record(requests_per_batch, batch_seconds)
+        rate.record("i0", requests_per_batch, 0.0, batch_seconds)
     return rate
 
 
 def test_everything_is_admitted_until_a_batch_has_run():
     rate = ServiceRate(KEY)
-    rate.admit(request(0.001), queued=10_000, instances=1)
+    rate.admit(request(0.001).deadline, queued=10_000, instances=1)
     assert rate.too_late(request(0.0001), time.monotonic()) is None
 
 
 def test_a_request_without_a_deadline_is_always_admitted():
-    rate_of(1, 1.0).admit(request(None), queued=10_000, instances=1)
+    rate_of(1, 1.0).admit(None, queued=10_000, instances=1)
 
 
 def test_wait_is_the_queue_at_the_measured_rate_plus_a_batch():
@@ -44,9 +44,9 @@ def test_wait_is_the_queue_at_the_measured_rate_plus_a_batch():
 
 def test_a_request_that_cannot_finish_in_time_is_refused_at_once():
     rate = rate_of(10, 0.01)
-    rate.admit(request(1.0), queued=500, instances=1)  # 0.51 s of work ahead: fits
+    rate.admit(request(1.0).deadline, queued=500, instances=1)  # 0.51 s of work ahead: fits
     with pytest.raises(Overloaded) as caught:
-        rate.admit(request(0.3), queued=500, instances=1)
+        rate.admit(request(0.3).deadline, queued=500, instances=1)
     assert "cannot answer before the request's deadline" in caught.value.message
     assert "about 510 ms of work is queued" in caught.value.message
 
@@ -63,8 +63,24 @@ def test_a_batch_leaves_out_requests_whose_deadline_passes_before_it_finishes():
 
 def test_the_estimate_follows_a_change_of_speed_without_jumping_on_one_batch():
     rate = rate_of(1, 0.01)
-    rate.record(1, 1.0)  # one slow batch moves the estimate, but not all the way
+    rate.record("i0", 1, 0.0, 1.0)  # one slow batch moves the estimate, but not all the way
     assert 0.01 < rate.batch_seconds < 0.2
     for _ in range(60):
-        rate.record(1, 0.1)
+        rate.record("i0", 1, 0.0, 0.1)
     assert rate.batch_seconds == pytest.approx(0.1, rel=0.05)
+
+
+def test_while_requests_wait_the_time_between_batches_counts_against_the_rate():
+    rate = ServiceRate(KEY)
+    rate.record("i0", 10, 0.0, 0.01)
+    assert rate.requests_per_second == pytest.approx(1000)
+    rate.backlog("i0", 0.01, waiting=True)
+    for i in range(60):  # 10 ms of work, then 10 ms before the next batch starts
+        start = 0.02 + i * 0.02
+        rate.record("i0", 10, start, start + 0.01)
+        rate.backlog("i0", start + 0.01, waiting=True)
+    assert rate.requests_per_second == pytest.approx(500, rel=0.05)
+    rate.backlog("i0", 5.0, waiting=False)  # idle gaps do not count
+    for _ in range(60):
+        rate.record("i0", 10, 6.0, 6.01)
+    assert rate.requests_per_second == pytest.approx(1000, rel=0.05)
