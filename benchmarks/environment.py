@@ -57,3 +57,18 @@ def describe() -> dict:
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
     }
+
+
+def run_header(server_cpus: str, client_cpus: str, how: str) -> dict:
+    """The fields every run.json-like record starts with: when, how it was called, on what
+    machine and versions, with which pinning, and the load average before it."""
+    from datetime import UTC, datetime
+
+    return {
+        "schema": 1,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": ["python", "-m", "benchmarks", *sys.argv[1:]],
+        "environment": describe(),
+        "pinning": {"server_cpus": server_cpus, "client_cpus": client_cpus, "how": how},
+        "load_average": {"before": load_average()},
+    }

@@ -316,16 +316,11 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     deadline_s = args.deadline_ms / 1000
     run: dict[str, Any] = {
-        "schema": 1,
-        "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": ["python", "-m", "benchmarks", *sys.argv[1:]],
-        "environment": environment.describe(),
-        "pinning": {
-            "server_cpus": args.server_cpus,
-            "client_cpus": args.client_cpus,
-            "how": "taskset -c; the generator processes inherit os.sched_setaffinity",
-        },
-        "load_average": {"before": environment.load_average()},
+        **environment.run_header(
+            args.server_cpus,
+            args.client_cpus,
+            "taskset -c; the generator processes inherit os.sched_setaffinity",
+        ),
         "settings": {
             "model": args.model,
             "overload": args.overload,

@@ -424,16 +424,9 @@ def main(args: argparse.Namespace) -> int:
     out: Path = args.out or RESULTS_DIR / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     run: dict[str, Any] = {
-        "schema": 1,
-        "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": ["python", "-m", "benchmarks", *sys.argv[1:]],
-        "environment": environment.describe(),
-        "pinning": {
-            "server_cpus": plan.server_cpus,
-            "client_cpus": plan.client_cpus,
-            "how": "taskset -c; the limit also os.sched_setaffinity",
-        },
-        "load_average": {"before": environment.load_average()},
+        **environment.run_header(
+            plan.server_cpus, plan.client_cpus, "taskset -c; the limit also os.sched_setaffinity"
+        ),
         "settings": {
             "models": plan.models,
             "concurrency": plan.concurrency,

@@ -58,12 +58,13 @@ def max_request_bytes(config: ModelConfig) -> int | None:
 
 
 def message_limit(configs: Iterable[ModelConfig]) -> int:
-    """The largest request message any of these models can accept (the transport's receive
-    limit): MAX_MESSAGE_BYTES when one of them has no fixed bound. A pipeline without
+    """The largest request message the server must receive (the transport's limit): what
+    the largest of these models can accept, at least PLAIN_REQUEST_MAX_BYTES for the other
+    calls, and MAX_MESSAGE_BYTES when a model has no fixed bound. A pipeline without
     declared inputs is bounded by its steps' models, when they are among `configs`."""
     configs = list(configs)
     by_name = {c.name: c for c in configs}
-    largest = REQUEST_OVERHEAD_BYTES
+    largest = PLAIN_REQUEST_MAX_BYTES
     for config in configs:
         if config.pipeline is not None and not config.inputs:
             steps = [by_name.get(step.model) for step in config.pipeline.steps]

@@ -308,12 +308,13 @@ while True:
 
 def test_oversized_body_is_refused_before_parsing(server):
     """A model whose inputs are fixed accepts requests up to what its largest batch needs:
-    a 300 MB body for `vector` (8 x 4 FP32) is refused unparsed, and health checks go on."""
+    a 100 MB body for `vector` (8 x 4 FP32) is refused unparsed, and health checks go on.
+    (This repository has models of variable size, so gRPC receives the body whole first.)"""
     pid = server.proc.pid
     message = vector_request()
-    message.raw_input_contents[0] = b"\0" * (300 << 20)
+    message.raw_input_contents[0] = b"\0" * (100 << 20)
     body = message.SerializeToString()
-    # The prober is a process of its own: this one holds its GIL while sending 300 MB.
+    # The prober is a process of its own: this one holds its GIL while sending 100 MB.
     prober = subprocess.Popen(
         [sys.executable, "-c", PROBE, server.url], stdout=subprocess.PIPE, text=True
     )
@@ -337,13 +338,14 @@ def test_oversized_body_is_refused_before_parsing(server):
 
 def test_a_repository_of_fixed_size_models_never_receives_a_huge_body(tmp_path):
     """When every model's inputs have fixed dims, gRPC itself refuses a request larger than
-    the largest batch from its length prefix: a 256 MiB body costs the server no memory and
-    stalls nobody (a 1 GiB body stalled health checks for 6 s and left 2 GB held)."""
+    the largest batch (at least 4 MiB, for other calls) from its length prefix: a 256 MiB
+    body costs the server no memory and stalls nobody (a 1 GiB body stalled health checks
+    for 6 s and left 2 GB held)."""
     config, build = MODELS["vector"]
     write_model(tmp_path, "vector", config, {1: build})
     fixed = ServerProcess(tmp_path)
     try:
-        assert "request messages may be up to 65664 bytes" in fixed.log()
+        assert "request messages may be up to 4194304 bytes" in fixed.log()
         before = rss_mb(fixed.proc.pid)
         message = vector_request()
         message.raw_input_contents[0] = b"\0" * (256 << 20)

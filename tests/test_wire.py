@@ -7,6 +7,7 @@ import numpy as np
 from tiffin.protos import MAX_MESSAGE_BYTES, protocol
 from tiffin.protos.model_config import ModelConfig
 from tiffin.server.wire import (
+    PLAIN_REQUEST_MAX_BYTES,
     REQUEST_OVERHEAD_BYTES,
     RequestDecoder,
     Undecodable,
@@ -55,10 +56,11 @@ def test_fixed_inputs_bound_a_request_by_their_largest_batch():
 
 
 def test_the_transport_limit_is_the_largest_need_or_the_protocol_limit():
-    fixed = [config("a", [4]), config("b", [1000])]
-    assert message_limit(fixed) == REQUEST_OVERHEAD_BYTES + 8 * 1000 * 4
+    fixed = [config("a", [4]), config("b", [1_000_000])]
+    assert message_limit(fixed) == REQUEST_OVERHEAD_BYTES + 8 * 1_000_000 * 4
     assert message_limit([*fixed, config("c", [-1])]) == MAX_MESSAGE_BYTES
-    assert message_limit([]) == REQUEST_OVERHEAD_BYTES
+    # Never below what metadata and repository calls may send.
+    assert message_limit([config("a", [4])]) == PLAIN_REQUEST_MAX_BYTES
 
 
 def test_a_pipeline_without_declared_inputs_is_bounded_by_its_steps():
@@ -68,7 +70,8 @@ def test_a_pipeline_without_declared_inputs_is_bounded_by_its_steps():
             "pipeline": {"steps": [{"model": "b", "inputs": {"x": "x"}, "outputs": {"y": "y"}}]},
         }
     )
-    assert message_limit([config("b", [1000]), pipeline]) == REQUEST_OVERHEAD_BYTES + 32000
+    steps = [config("b", [1_000_000]), pipeline]
+    assert message_limit(steps) == REQUEST_OVERHEAD_BYTES + 32_000_000
     assert message_limit([pipeline]) == MAX_MESSAGE_BYTES  # its step is not known
 
 
