@@ -108,6 +108,8 @@ class ModelExecutor:
     def admit(self, deadline: float | None) -> None:
         """Raises Overloaded when a request with this deadline cannot be answered in time
         (callable from any thread: it only reads)."""
+        if deadline is None:
+            return
         live = sum(1 for i in self._instances if i.alive)
         self._rate.admit(deadline, self._batcher.queued(), live)
 

@@ -115,6 +115,8 @@ class Scheduler:
         """Raises Overloaded when a request for `key` with this deadline cannot be answered
         in time, so that it is refused before it is decoded. Called from gRPC threads: it
         only reads, and `enqueue` checks again."""
+        if deadline is None:
+            return
         executor = self._executors.get(key)
         if isinstance(executor, ModelExecutor):
             executor.admit(deadline)

@@ -17,7 +17,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -38,8 +38,7 @@ class Failure:
     message: str
 
 
-@dataclass(frozen=True)
-class StreamItem:
+class StreamItem(NamedTuple):
     """A stream request in flight, in request order: what identifies it in the response,
     and its Pending (with the config that encodes its response) or why it failed."""
 
@@ -63,7 +62,11 @@ class StreamSession:
         self._requests = requests
         self._start = start
         self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._slots = threading.Semaphore(window)
+        # One token per request that may be read ahead of the responses written (a
+        # SimpleQueue is a semaphore whose take and give cost next to nothing).
+        self._slots: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(window):
+            self._slots.put(None)
         self._lock = threading.Lock()
         self._outstanding: set[Pending] = set()
         self._closed = False
@@ -84,21 +87,21 @@ class StreamSession:
 
     def answered(self) -> None:
         """One response has been written: the reader may take one more request."""
-        self._slots.release()
+        self._slots.put(None)
 
     def close(self) -> None:
         """The stream ended (answered, aborted or cancelled): stop reading, drop what waits."""
         with self._lock:
             self._closed = True
             outstanding, self._outstanding = self._outstanding, set()
-        self._slots.release()  # wakes a reader waiting for a slot, which then sees closed
+        self._slots.put(None)  # wakes a reader waiting for a slot, which then sees closed
         for pending in outstanding:
             pending.cancel()
 
     def _read(self) -> None:
         try:
             while True:
-                self._slots.acquire()
+                self._slots.get()
                 if self._closed:
                     return
                 try:
