@@ -188,7 +188,7 @@ def test_killed_worker_fails_its_request_then_is_replaced(make_server, tmp_path)
     assert error.status() == "StatusCode.UNAVAILABLE"
     assert "slow_1_0" in error.message() and "exited" in error.message()
     deadline = time.monotonic() + 30
-    while True:  # a new worker takes over; until then requests fail fast, never hang
+    while True:  # a new worker takes over; requests sent meanwhile wait for it
         try:
             result = client.infer("slow", [value_input(0.0)], client_timeout=10)
             break
