@@ -152,7 +152,8 @@ class Server:
         log.info("shutting down: finishing in-flight requests (up to %.0f s)", grace)
         self._state.stopping = True
         if self._health is not None:
-            self._health.shutdown()
+            self._health.shutdown()  # first, so that load balancers stop sending work
+        self._service.end_streams()
         self._grpc.stop(grace).wait()
         asyncio.run_coroutine_threadsafe(self._manager.unload_all(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,7 +36,7 @@ from .config_message import config_message
 from .inference import decode_request, encode_response
 from .manager import LOADING, READY, ModelManager
 from .settings import ServerSettings
-from .streams import Failure, StreamItem, StreamSession
+from .streams import SHUTDOWN, Failure, StreamItem, StreamSession
 from .wire import RequestDecoder, Undecodable, max_request_bytes, plain_decoder
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ class InferenceService:
         self._streams = StreamGate(settings.stream_limit, settings.max_streams_per_connection)
         self._stream_window = settings.max_stream_inflight
         self._stream_idle = settings.stream_idle_timeout_seconds or None
+        self._sessions: set[StreamSession] = set()
+        self._sessions_lock = threading.Lock()
 
     def refresh_limits(self) -> None:
         """Bounds each model's requests by what its ready versions can accept."""
@@ -367,6 +370,10 @@ class InferenceService:
 
         session = StreamSession(request_iterator, start, self._stream_window)
         context.add_callback(session.close)  # the client went away: drop what waits
+        with self._sessions_lock:
+            self._sessions.add(session)
+        if self._state.stopping:  # shutdown began while this stream was being set up
+            session.shut_down()
         try:
             session.start()
             while True:
@@ -380,6 +387,12 @@ class InferenceService:
                     )
                 if item is None:
                     return
+                if item is SHUTDOWN:
+                    context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "the server is shutting down; send further requests to another "
+                        "instance or retry once it is back",
+                    )
                 response = self._stream_response(item, session)
                 if isinstance(response, Failure):
                     if abort_on_error:
@@ -388,8 +401,18 @@ class InferenceService:
                 yield response
                 session.answered()
         finally:
+            with self._sessions_lock:
+                self._sessions.discard(session)
             session.close()
             self._streams.leave(peer)
+
+    def end_streams(self) -> None:
+        """Shutdown: every open stream ends once the requests it already read are answered,
+        so that idle streams do not hold the server for its whole grace period."""
+        with self._sessions_lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.shut_down()
 
     def _stream_response(self, item: StreamItem, session: StreamSession) -> Any:
         """The response to one stream request, or the Failure to answer it with."""

@@ -52,6 +52,9 @@ class StreamItem(NamedTuple):
 # Starts one request: its Pending and the config it was checked against; raises TiffinError.
 Starter = Callable[[Any], tuple[Pending, ModelConfig]]
 _END = object()
+# What `next_item` returns once the server is shutting down and the requests read before
+# that have been handed out: the stream ends then, whatever its client still sends.
+SHUTDOWN = object()
 
 
 class StreamSession:
@@ -74,11 +77,17 @@ class StreamSession:
     def start(self) -> None:
         threading.Thread(target=self._read, name="stream-reader", daemon=True).start()
 
-    def next_item(self, timeout: float | None) -> StreamItem | None:
-        """The next request, None once the client has sent its last one; queue.Empty when
-        none arrived for `timeout` seconds while nothing was in flight."""
+    def next_item(self, timeout: float | None) -> Any:
+        """The next StreamItem; None once the client has sent its last one; SHUTDOWN once
+        `shut_down` was called and what was read before has been handed out; queue.Empty
+        when nothing arrived for `timeout` seconds while nothing was in flight."""
         item = self._items.get(timeout=timeout)
         return None if item is _END else item
+
+    def shut_down(self) -> None:
+        """The server is stopping: end the stream after the requests already read (which
+        the server still answers), however long the client would keep it open."""
+        self._items.put(SHUTDOWN)
 
     def settled(self, pending: Pending) -> None:
         """`pending` has its answer: cancelling the stream no longer needs to reach it."""

@@ -186,3 +186,80 @@ def test_long_stream_does_not_grow_server_memory(example_server):
     finally:
         client.stop_stream()
     assert growth < 12, f"server memory grew {growth:.1f} MB over 8192 streamed requests"
+
+
+def _open_stream(url: str, requests: list) -> tuple[threading.Thread, list, threading.Event]:
+    """A ModelStreamInfer call that sends `requests`, then stays open (sending nothing) until
+    the returned event is set; the thread collects each response or the final error."""
+    from tiffin.protos import method_path, protocol
+
+    pb = protocol()
+    received: list = []
+    release = threading.Event()
+
+    def messages():
+        yield from requests
+        release.wait(60)
+
+    def run() -> None:
+        import grpc
+
+        with grpc.insecure_channel(url) as channel:
+            call = channel.stream_stream(
+                method_path("ModelStreamInfer"),
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=pb.ModelStreamInferResponse.FromString,
+            )
+            try:
+                for response in call(messages(), timeout=60):
+                    received.append(response)
+            except grpc.RpcError as exc:
+                received.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, received, release
+
+
+def _slow_request(seconds: float):
+    from tiffin.protos import protocol
+
+    message = protocol().ModelInferRequest(model_name="slow", id="in-flight")
+    message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 1])
+    message.raw_input_contents.append(np.full((1, 1), seconds, np.float32).tobytes())
+    return message
+
+
+def test_sigterm_ends_an_idle_stream_at_once(slow_repo):
+    """An idle stream no longer holds shutdown for the whole grace period (30 s)."""
+    server = ServerProcess(slow_repo)
+    thread, received, release = _open_stream(server.url, [])
+    try:
+        time.sleep(0.5)  # the stream is open
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(10) == 0, server.log()
+        took = time.monotonic() - started
+        thread.join(10)
+    finally:
+        release.set()
+    assert took < 2.0, f"shutdown took {took:.1f} s"
+    (error,) = received
+    assert error.code().name == "UNAVAILABLE"
+    assert "shutting down" in error.details()
+
+
+def test_sigterm_answers_what_a_stream_has_in_flight_then_ends_it(slow_repo):
+    server = ServerProcess(slow_repo)
+    thread, received, release = _open_stream(server.url, [_slow_request(1.0)])
+    try:
+        time.sleep(0.4)  # the request is running
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(15) == 0, server.log()
+        thread.join(10)
+    finally:
+        release.set()
+    answer, error = received
+    assert answer.infer_response.id == "in-flight" and not answer.error_message
+    assert np.frombuffer(answer.infer_response.raw_output_contents[0], np.float32) == [1.0]
+    assert error.code().name == "UNAVAILABLE" and "shutting down" in error.details()
