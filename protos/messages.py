@@ -2,16 +2,16 @@
 
 tritonclient registers Triton's `inference.*` messages in protobuf's default
 descriptor pool, and generated `_pb2` modules for our own proto would collide
-with them ("duplicate symbol"). So `inference.proto` is compiled at first use
-into a FileDescriptorSet and loaded into a pool of our own; message classes come
-from `message_factory.GetMessageClass`. Names on the wire stay `inference.*`.
+with them ("duplicate symbol"). So the FileDescriptorSet compiled from
+`inference.proto` ships prebuilt beside it (`inference.pb`; regenerate it with
+`python -m tiffin.protos.descriptors`) and is loaded into a pool of our own;
+message classes come from `message_factory.GetMessageClass`. Nothing runs protoc
+at run time. Names on the wire stay `inference.*`.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 from importlib import resources
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 PROTO_FILE = "inference.proto"
+DESCRIPTOR_SET_FILE = "inference.pb"  # built from PROTO_FILE by tiffin.protos.descriptors
 SERVICE_NAME = "inference.GRPCInferenceService"
 # Triton (and tritonclient) allow messages up to INT32_MAX; gRPC's own default is 4 MiB.
 MAX_MESSAGE_BYTES = 2**31 - 1
@@ -28,20 +29,10 @@ MESSAGE_SIZE_OPTIONS = [
 ]
 
 
-def _compile_descriptor_set() -> bytes:
-    """Runs protoc (from grpcio-tools) on inference.proto and returns the FileDescriptorSet."""
-    from grpc_tools import protoc  # imported late: only needed once per process
-
-    proto_dir = resources.files("tiffin.protos")
-    with resources.as_file(proto_dir) as include_dir, tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "inference.pb")
-        status = protoc.main(
-            ["protoc", f"-I{include_dir}", f"--descriptor_set_out={out}", PROTO_FILE]
-        )
-        if status != 0:
-            raise RuntimeError(f"protoc failed to compile {include_dir / PROTO_FILE}")
-        with open(out, "rb") as f:
-            return f.read()
+def _load_descriptor_set() -> descriptor_pb2.FileDescriptorSet:
+    """The prebuilt FileDescriptorSet shipped with the package."""
+    data = resources.files("tiffin.protos").joinpath(DESCRIPTOR_SET_FILE).read_bytes()
+    return descriptor_pb2.FileDescriptorSet.FromString(data)
 
 
 class Protocol(SimpleNamespace):
@@ -56,8 +47,8 @@ class Protocol(SimpleNamespace):
 
 @functools.cache
 def protocol() -> Protocol:
-    """Loads inference.proto once per process into a private pool."""
-    fds = descriptor_pb2.FileDescriptorSet.FromString(_compile_descriptor_set())
+    """Loads the prebuilt descriptor set of inference.proto once per process into a private pool."""
+    fds = _load_descriptor_set()
     pool = descriptor_pool.DescriptorPool()
     for file_proto in fds.file:
         pool.Add(file_proto)
