@@ -15,6 +15,7 @@ import os
 import pickle
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,10 +73,11 @@ def gather_inputs(requests: list[InferenceRequest]) -> dict[str, list[np.ndarray
 
 
 class InlineInstance:
-    """Runs the backend on the scheduler's event-loop thread, inside the frontend process.
+    """Runs the backend inside the frontend process, on a thread of its own.
 
-    No thread or process hand-off at all, which is what makes it worth having for tiny
-    models; the loop waits while the model runs, so it is not for models that take long.
+    No process hand-off and no shared-memory copy, which is what makes it worth having for
+    tiny models. Loading and running happen on the instance's own thread, so a model that
+    loads or runs slowly never stalls the event loop, and with it every other model.
     """
 
     def __init__(self, name: str, config: ModelConfig, version_dir: Path, device: Device) -> None:
@@ -84,6 +86,7 @@ class InlineInstance:
         self._config = config
         self._version_dir = version_dir
         self._backend: Backend | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inline-{name}")
         self.restart_failure: str | None = None  # never restarts: it runs in this process
 
     @property
@@ -91,17 +94,25 @@ class InlineInstance:
         return self._backend is not None
 
     async def load(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._backend = await loop.run_in_executor(self._thread, self._load)
+
+    def _load(self) -> Backend:
         backend = get_batch_backend(self._config.backend)()
         try:
             backend.load(self._config, self._version_dir, self.device)
         except Exception as exc:  # worded as a worker's load failure is (see worker.py)
             raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
-        self._backend = backend
+        return backend
 
     async def wait_alive(self) -> None:
         return None
 
     async def execute(self, requests: list[InferenceRequest], outputs: list[str]) -> Execution:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._execute, requests, outputs)
+
+    def _execute(self, requests: list[InferenceRequest], outputs: list[str]) -> Execution:
         assert self._backend is not None, "execute() before load()"
         start = time.perf_counter_ns()
         inputs = {
@@ -126,7 +137,8 @@ class InlineInstance:
     async def unload(self) -> None:
         backend, self._backend = self._backend, None
         if backend is not None:
-            backend.unload()
+            await asyncio.get_running_loop().run_in_executor(self._thread, backend.unload)
+        self._thread.shutdown(wait=False)
 
 
 def worker_environment(device: Device) -> tuple[dict[str, str], Device]:

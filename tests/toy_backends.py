@@ -80,3 +80,11 @@ class CrashNoRestart(Crash):
         if (version_dir / "refuse-load").exists():
             raise RuntimeError("refuse-load marker present")
         super().load(config, version_dir, device)
+
+
+class SlowLoad(_Toy):
+    """OUTPUT0 = INPUT0, after a load that sleeps `parameters.load_seconds` (default 2)."""
+
+    def load(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
+        time.sleep(float(config.parameters.get("load_seconds", 2)))
+        super().load(config, version_dir, device)
