@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +73,12 @@ def gather_inputs(requests: list[InferenceRequest]) -> dict[str, list[np.ndarray
     return {name: [r.inputs[name] for r in requests] for name in requests[0].inputs}
 
 
+# Inline instances load and unload one at a time: loading is not thread-safe in every
+# framework (torch.export.load keeps a global deserializer; the python backend edits
+# sys.modules), and in a worker process it never runs beside another load anyway.
+_INLINE_LOADING = threading.Lock()
+
+
 class InlineInstance:
     """Runs the backend inside the frontend process, on a thread of its own.
 
@@ -98,12 +105,17 @@ class InlineInstance:
         self._backend = await loop.run_in_executor(self._thread, self._load)
 
     def _load(self) -> Backend:
-        backend = get_batch_backend(self._config.backend)()
-        try:
-            backend.load(self._config, self._version_dir, self.device)
-        except Exception as exc:  # worded as a worker's load failure is (see worker.py)
-            raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
-        return backend
+        with _INLINE_LOADING:
+            backend = get_batch_backend(self._config.backend)()
+            try:
+                backend.load(self._config, self._version_dir, self.device)
+            except Exception as exc:  # worded as a worker's load failure is (see worker.py)
+                raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
+            return backend
+
+    def _unload(self, backend: Backend) -> None:
+        with _INLINE_LOADING:
+            backend.unload()
 
     async def wait_alive(self) -> None:
         return None
@@ -137,7 +149,7 @@ class InlineInstance:
     async def unload(self) -> None:
         backend, self._backend = self._backend, None
         if backend is not None:
-            await asyncio.get_running_loop().run_in_executor(self._thread, backend.unload)
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._unload, backend)
         self._thread.shutdown(wait=False)
 
 
