@@ -308,13 +308,13 @@ while True:
 
 def test_oversized_body_is_refused_before_parsing(server):
     """A model whose inputs are fixed accepts requests up to what its largest batch needs:
-    a 100 MB body for `vector` (8 x 4 FP32) is refused unparsed, and health checks go on.
+    a 64 MB body for `vector` (8 x 4 FP32) is refused unparsed, and health checks go on.
     (This repository has models of variable size, so gRPC receives the body whole first.)"""
     pid = server.proc.pid
     message = vector_request()
-    message.raw_input_contents[0] = b"\0" * (100 << 20)
+    message.raw_input_contents[0] = b"\0" * (64 << 20)
     body = message.SerializeToString()
-    # The prober is a process of its own: this one holds its GIL while sending 100 MB.
+    # The prober is a process of its own: this one holds its GIL while sending 64 MB.
     prober = subprocess.Popen(
         [sys.executable, "-c", PROBE, server.url], stdout=subprocess.PIPE, text=True
     )
