@@ -11,15 +11,13 @@ import subprocess
 import sys
 import textwrap
 from importlib import resources
-from pathlib import Path
 
 from google.protobuf import descriptor_pb2 as dp
 from google.protobuf import text_format
-from grpc_tools import protoc
 
 from tiffin.protos import protocol
+from tiffin.protos.descriptors import compile_descriptor_set
 
-PROTO_DIR = Path(__file__).resolve().parent.parent / "protos"
 REGENERATE = "python -m tiffin.protos.descriptors"
 
 
@@ -32,25 +30,14 @@ def _files(fds: dp.FileDescriptorSet) -> dict[str, dp.FileDescriptorProto]:
     return out
 
 
-def _compiled(tmp_path: Path) -> dp.FileDescriptorSet:
-    out = tmp_path / "inference.pb"
-    status = protoc.main(
-        [
-            "protoc",
-            f"-I{PROTO_DIR}",
-            "--include_imports",
-            f"--descriptor_set_out={out}",
-            "inference.proto",
-        ]
-    )
-    assert status == 0, "protoc could not compile protos/inference.proto"
-    return dp.FileDescriptorSet.FromString(out.read_bytes())
+def _compiled() -> dp.FileDescriptorSet:
+    return dp.FileDescriptorSet.FromString(compile_descriptor_set())
 
 
-def test_shipped_descriptor_set_matches_proto(tmp_path: Path) -> None:
+def test_shipped_descriptor_set_matches_proto() -> None:
     shipped_bytes = resources.files("tiffin.protos").joinpath("inference.pb").read_bytes()
     shipped = _files(dp.FileDescriptorSet.FromString(shipped_bytes))
-    compiled = _files(_compiled(tmp_path))
+    compiled = _files(_compiled())
     stale = f"protos/inference.pb is out of date with protos/inference.proto; run `{REGENERATE}`"
     assert list(shipped) == list(compiled), f"{stale} (files {list(shipped)} != {list(compiled)})"
     for name, want in compiled.items():

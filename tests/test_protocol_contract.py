@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor_pb2 as dp
-from grpc_tools import protoc
 
 from tiffin.protos import SERVICE_NAME, method_path, protocol
+from tiffin.protos.descriptors import compile_descriptor_set
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = ROOT / "protos"
 FACTS_FILE = Path(__file__).resolve().parent / "data" / "protocol_facts.json"
 
 FT = {v: k[5:].lower() for k, v in dp.FieldDescriptorProto.Type.items()}
@@ -105,20 +104,9 @@ def facts() -> dict:
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory: pytest.TempPathFactory) -> dp.FileDescriptorProto:
+def compiled() -> dp.FileDescriptorProto:
     """inference.proto compiled by grpcio-tools' protoc, as a FileDescriptorProto."""
-    out = tmp_path_factory.mktemp("proto") / "inference.pb"
-    status = protoc.main(
-        [
-            "protoc",
-            f"-I{PROTO_DIR}",
-            "--include_imports",
-            f"--descriptor_set_out={out}",
-            "inference.proto",
-        ]
-    )
-    assert status == 0, "protoc could not compile protos/inference.proto"
-    fds = dp.FileDescriptorSet.FromString(out.read_bytes())
+    fds = dp.FileDescriptorSet.FromString(compile_descriptor_set())
     files = {f.name: f for f in fds.file}
     assert list(files) == ["inference.proto"], "inference.proto should import nothing"
     return files["inference.proto"]
