@@ -201,7 +201,7 @@ def test_killed_worker_fails_its_request_then_is_replaced(make_server, tmp_path)
 
 
 def test_backend_exception_fails_only_the_bad_request(make_server, tmp_path):
-    batching = "dynamic_batching: {max_queue_delay_microseconds: 200000}"
+    batching = "dynamic_batching: {max_queue_delay_microseconds: 500000}"
     server = make_server(toy_repo(tmp_path, fail=toy_config("Fail", 8, batching)))
     client = tc.InferenceServerClient(server.url)
     good, good_out = call_in_thread(client.infer, "fail", [value_input(1.0)])
@@ -211,6 +211,10 @@ def test_backend_exception_fails_only_the_bad_request(make_server, tmp_path):
     assert good_out["result"].as_numpy("OUTPUT0").reshape(-1).tolist() == [1.0]
     assert bad_out["error"].status() == "StatusCode.INTERNAL"
     assert "negative input is not allowed" in bad_out["error"].message()
+    # They were batched: the backend saw both rows at once, then each request alone (the
+    # fallback for a backend that fails a whole batch).
+    calls = (tmp_path / "models" / "fail" / "1" / "calls.log").read_text().split()
+    assert calls == ["2", "1", "1"], calls
     assert client.infer("fail", [value_input(2.0)]).as_numpy("OUTPUT0").tolist() == [[2.0]]
 
 

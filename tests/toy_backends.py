@@ -21,6 +21,7 @@ class _Toy(Backend):
     def load(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
         self.config = config
         self.device = device
+        self.version_dir = version_dir
 
     def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         return {"OUTPUT0": inputs["INPUT0"].copy()}
@@ -55,9 +56,12 @@ class Slow(_Toy):
 
 
 class Fail(_Toy):
-    """Raises when any element of INPUT0 is negative; otherwise OUTPUT0 = INPUT0."""
+    """Raises when any element of INPUT0 is negative; otherwise OUTPUT0 = INPUT0. Appends
+    the rows of every batch it is given to `calls.log` in its version folder."""
 
     def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        with open(self.version_dir / "calls.log", "a") as log:
+            log.write(f"{len(inputs['INPUT0'])}\n")
         if (inputs["INPUT0"] < 0).any():
             raise ValueError("negative input is not allowed")
         return super().infer(inputs, outputs)
