@@ -53,8 +53,8 @@ def deserialize_bytes(buffer: bytes | memoryview, count: int) -> np.ndarray:
     view = memoryview(buffer)
     if count * BYTES_LENGTH_SIZE > len(view):  # checked before allocating for `count`
         raise TensorDataError(
-            f"{count} BYTES elements need at least {count * BYTES_LENGTH_SIZE} bytes, "
-            f"but the data has {len(view)}"
+            f"the shape claims {count} BYTES elements, which need at least "
+            f"{count * BYTES_LENGTH_SIZE} bytes, but the data has {len(view)}"
         )
     items = np.empty(count, dtype=np.object_)
     offset = 0

@@ -106,8 +106,7 @@ class ModelExecutor:
         return self._batcher.put(request)
 
     def admit(self, deadline: float | None) -> None:
-        """Raises Overloaded when a request with this deadline cannot be answered in time
-        (callable from any thread: it only reads)."""
+        """Raises Overloaded when a request with this deadline cannot be answered in time."""
         if deadline is None:
             return
         live = sum(1 for i in self._instances if i.alive)

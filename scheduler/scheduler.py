@@ -111,16 +111,6 @@ class Scheduler:
             )
         return executor.enqueue(request)
 
-    def admit(self, key: ModelKey, deadline: float | None) -> None:
-        """Raises Overloaded when a request for `key` with this deadline cannot be answered
-        in time, so that it is refused before it is decoded. Called from gRPC threads: it
-        only reads, and `enqueue` checks again."""
-        if deadline is None:
-            return
-        executor = self._executors.get(key)
-        if isinstance(executor, ModelExecutor):
-            executor.admit(deadline)
-
     def resolve(self, name: str, version: int = -1) -> tuple[ModelKey, ModelConfig]:
         """The loaded version of a model (-1: the newest) and its config."""
         if version == -1:

@@ -17,44 +17,43 @@ import threading
 
 from tiffin.protos.errors import Overloaded
 
+from .streams import StreamSession
+
 
 class StreamGate:
-    """Admits a stream while fewer than `max_streams` are open in all, and fewer than
-    `per_connection` on the stream's own connection."""
+    """The open streams: admits one while fewer than `max_streams` are open in all, and fewer
+    than `per_connection` on its own connection; ends them all at shutdown."""
 
     def __init__(self, max_streams: int, per_connection: int) -> None:
         self._max = max_streams
         self._per_connection = per_connection
         self._lock = threading.Lock()
-        self._open = 0
-        self._by_peer: dict[str, int] = {}
+        self._open: dict[StreamSession, str] = {}  # session -> its connection (peer)
 
-    def enter(self, peer: str) -> None:
+    def enter(self, peer: str, session: StreamSession) -> None:
         """Counts a new stream; Overloaded (RESOURCE_EXHAUSTED) when a limit is reached."""
         with self._lock:
-            if self._open >= self._max:
+            if len(self._open) >= self._max:
                 raise Overloaded(
                     f"the server already has {self._max} streams open, its limit "
                     "(--max-streams); retry later, or send unary requests"
                 )
-            on_peer = self._by_peer.get(peer, 0)
+            on_peer = sum(1 for p in self._open.values() if p == peer)
             if on_peer >= self._per_connection:
                 raise Overloaded(
                     f"this connection already has {on_peer} streams open, the limit per "
                     "connection (--max-streams-per-connection); close one first"
                 )
-            self._open += 1
-            self._by_peer[peer] = on_peer + 1
+            self._open[session] = peer
 
-    def leave(self, peer: str) -> None:
+    def leave(self, session: StreamSession) -> None:
         with self._lock:
-            self._open -= 1
-            left = self._by_peer[peer] - 1
-            if left:
-                self._by_peer[peer] = left
-            else:
-                del self._by_peer[peer]
+            self._open.pop(session, None)
 
-    @property
-    def open(self) -> int:
-        return self._open
+    def shut_down(self) -> None:
+        """Shutdown: every open stream ends once the requests it already read are answered,
+        so that idle streams do not hold the server for its whole grace period."""
+        with self._lock:
+            sessions = list(self._open)
+        for session in sessions:
+            session.shut_down()

@@ -15,14 +15,7 @@ from tiffin.protos.datatypes import DATATYPES, Datatype
 from tiffin.protos.errors import InvalidInput, ModelNotFound
 from tiffin.protos.model_config import ModelConfig, TensorConfig
 from tiffin.protos.names import shown
-from tiffin.protos.tensors import (
-    BYTES_LENGTH_SIZE,
-    TensorDataError,
-    element_count,
-    from_contents,
-    from_raw,
-    to_raw,
-)
+from tiffin.protos.tensors import TensorDataError, element_count, from_contents, from_raw, to_raw
 from tiffin.scheduler import InferenceRequest, InferenceResponse, ModelKey
 
 # Request parameters Triton interprets, with the InferParameter member each must use.
@@ -193,16 +186,11 @@ def decode_request(
 
 
 def _check_byte_size(name: str, model: str, dtype: Datatype, shape: list[int], size: int) -> None:
-    """The bytes sent must be what the shape claims, before anything is allocated for it."""
-    count = element_count(shape)
-    if dtype.itemsize == 0:  # BYTES: each element needs at least its 4-byte length
-        if count * BYTES_LENGTH_SIZE > size:
-            raise InvalidInput(
-                f"input '{name}' for model '{model}' claims {count} BYTES elements, which "
-                f"need at least {count * BYTES_LENGTH_SIZE} bytes, but {size} were sent"
-            )
+    """The bytes sent must be what the shape claims (BYTES: checked while parsing, before
+    anything is allocated for the elements)."""
+    if dtype.itemsize == 0:
         return
-    expected = count * dtype.itemsize
+    expected = element_count(shape) * dtype.itemsize
     if size != expected:
         raise InvalidInput(
             f"input byte size mismatch for input '{name}' for model '{model}'. "

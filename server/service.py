@@ -11,7 +11,6 @@ import asyncio
 import functools
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,7 +25,7 @@ from tiffin.protos.errors import (
     TiffinError,
     Unsupported,
 )
-from tiffin.protos.names import shown
+from tiffin.protos.names import parse_version, shown
 from tiffin.scheduler import ModelKey, Scheduler
 from tiffin.scheduler.statistics import DURATIONS
 
@@ -64,6 +63,14 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             context.abort(grpc.StatusCode.INTERNAL, shown(f"{method.__name__} failed: {exc}", 1000))
 
     return handler
+
+
+def _version_or_none(text: str) -> int | None:
+    """A version string's number, or None when it is not one (resolve then says why)."""
+    try:
+        return parse_version(text)
+    except ValueError:
+        return None
 
 
 class ServerState:
@@ -108,8 +115,6 @@ class InferenceService:
         self._streams = StreamGate(settings.stream_limit, settings.max_streams_per_connection)
         self._stream_window = settings.max_stream_inflight
         self._stream_idle = settings.stream_idle_timeout_seconds or None
-        self._sessions: set[StreamSession] = set()
-        self._sessions_lock = threading.Lock()
 
     def refresh_limits(self) -> None:
         """Bounds each model's requests by what its ready versions can accept."""
@@ -185,9 +190,8 @@ class InferenceService:
         loading = [v for v, s in state.versions.items() if s.state == LOADING]
         if request.version == "" and loading and not state.ready_versions():
             return self._pb.ModelReadyResponse(ready=False)
-        if request.version.isascii() and request.version.isdigit():
-            if int(request.version) in loading:
-                return self._pb.ModelReadyResponse(ready=False)
+        if request.version and _version_or_none(request.version) in loading:
+            return self._pb.ModelReadyResponse(ready=False)
         self._manager.resolve(request.name, request.version)
         return self._pb.ModelReadyResponse(ready=not self._state.stopping)
 
@@ -331,9 +335,7 @@ class InferenceService:
         self._state.check_accepting()
         spec = self._manager.resolve(msg.model_name, msg.model_version)
         assert spec.config is not None
-        key = ModelKey(msg.model_name, spec.version)
-        self._scheduler.admit(key, deadline)  # refused before the work of decoding it
-        request = decode_request(msg, key, spec.config, deadline)
+        request = decode_request(msg, ModelKey(msg.model_name, spec.version), spec.config, deadline)
         return self._bridge.submit(request), spec.config
 
     @_rpc
@@ -357,11 +359,6 @@ class InferenceService:
         abort_on_error = any(
             k == "triton_grpc_error" and v == "true" for k, v in context.invocation_metadata()
         )
-        peer = context.peer()
-        try:
-            self._streams.enter(peer)
-        except TiffinError as exc:
-            context.abort(exc.code, exc.message)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
 
@@ -369,9 +366,11 @@ class InferenceService:
             return self._start_infer(msg, deadline)  # the stream's deadline bounds each request
 
         session = StreamSession(request_iterator, start, self._stream_window)
+        try:
+            self._streams.enter(context.peer(), session)
+        except TiffinError as exc:
+            context.abort(exc.code, exc.message)
         context.add_callback(session.close)  # the client went away: drop what waits
-        with self._sessions_lock:
-            self._sessions.add(session)
         if self._state.stopping:  # shutdown began while this stream was being set up
             session.shut_down()
         try:
@@ -401,18 +400,12 @@ class InferenceService:
                 yield response
                 session.answered()
         finally:
-            with self._sessions_lock:
-                self._sessions.discard(session)
             session.close()
-            self._streams.leave(peer)
+            self._streams.leave(session)
 
     def end_streams(self) -> None:
-        """Shutdown: every open stream ends once the requests it already read are answered,
-        so that idle streams do not hold the server for its whole grace period."""
-        with self._sessions_lock:
-            sessions = list(self._sessions)
-        for session in sessions:
-            session.shut_down()
+        """Shutdown: open streams end once what they already sent is answered."""
+        self._streams.shut_down()
 
     def _stream_response(self, item: StreamItem, session: StreamSession) -> Any:
         """The response to one stream request, or the Failure to answer it with."""

@@ -122,26 +122,28 @@ class RequestDecoder:
         self.limits: Mapping[str, int | None] = {}
 
     def __call__(self, data: bytes) -> Any:
-        name = peek_model_name(data)
-        if name is not None and (problem := self._too_large(name, len(data))):
+        size = len(data)
+        large = size > REQUEST_OVERHEAD_BYTES  # any model accepts names and parameters
+        name = peek_model_name(data) if large else None
+        if name is not None and (problem := self._too_large(name, size)):
             return Undecodable(problem)
         try:
             message = self._parse(data)
         except DecodeError:
             return Undecodable(
-                f"the request body ({len(data)} bytes) is not a valid ModelInferRequest message"
+                f"the request body ({size} bytes) is not a valid ModelInferRequest message"
             )
-        if name is None and (problem := self._too_large(message.model_name, len(data))):
+        if large and name is None and (problem := self._too_large(message.model_name, size)):
             return Undecodable(problem)
         return message
 
     def _too_large(self, model: str, size: int) -> str | None:
-        if size <= REQUEST_OVERHEAD_BYTES:
-            return None
+        """Why a body of `size` bytes (more than REQUEST_OVERHEAD_BYTES) is refused, or None."""
         if model not in self.limits:
             return (
-                f"Request for unknown model: '{shown(model)}' is not found "
-                f"(and a request of {size} bytes was sent for it)"
+                f"model '{shown(model)}' is not serving (unknown, or no version is ready yet), "
+                f"so a request of {size} bytes for it is refused; check the name, or retry "
+                "once the model is ready"
             )
         limit = self.limits[model]
         if limit is not None and size > limit:

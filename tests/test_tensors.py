@@ -248,7 +248,11 @@ def test_bytes_zero_elements() -> None:
 @pytest.mark.parametrize(
     ("raw", "count", "message"),
     [
-        (b"\x05\x00", 1, r"1 BYTES elements need at least 4 bytes, but the data has 2"),
+        (
+            b"\x05\x00",
+            1,
+            r"claims 1 BYTES elements, which need at least 4 bytes, but the data has 2",
+        ),
         (b"\x03\0\0\0abc\x02", 2, r"ends after 1 of 2 elements"),
         (b"\x05\0\0\0ab", 1, r"element 0 claims 5 bytes but only 2 remain"),
         (b"\x00\0\0\0\xff\xff\xff\xff", 2, r"element 1 claims 4294967295 bytes but only 0 remain"),
