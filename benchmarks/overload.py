@@ -30,7 +30,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from array import array
@@ -210,13 +209,7 @@ def measure_capacity(args: argparse.Namespace, url: str, procs: int) -> dict:
         "--procs", str(procs),
     ]  # fmt: skip
     limit = args.capacity_warmup + args.capacity_seconds + 120
-    done = subprocess.run(
-        servers.pinned(command, args.client_cpus),
-        capture_output=True,
-        text=True,
-        timeout=limit,
-        cwd=servers.REPO_ROOT,
-    )
+    done = servers.run_pinned(command, args.client_cpus, limit)
     if done.returncode != 0:
         raise RuntimeError(f"the capacity load failed: {done.stderr.strip()[-600:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])

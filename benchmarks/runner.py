@@ -249,13 +249,7 @@ def _run_load(plan: Plan, url: str, point: dict) -> dict:
         command += ["--rate", str(point["rate"])]
     limit = args.warmup + args.duration + 2 * args.timeout + 60
     try:
-        done = subprocess.run(
-            servers.pinned(command, plan.client_cpus),
-            capture_output=True,
-            text=True,
-            timeout=limit,
-            cwd=servers.REPO_ROOT,
-        )
+        done = servers.run_pinned(command, plan.client_cpus, limit)
     except subprocess.TimeoutExpired:
         return {"error": f"the load generator ran past {limit:.0f} s"}
     if done.returncode != 0:
@@ -396,13 +390,7 @@ def _measure_limit(plan: Plan, repository: Path) -> dict:
         "--seconds",
         str(plan.args.limit_seconds),
     ]
-    done = subprocess.run(
-        servers.pinned(command, plan.server_cpus),
-        capture_output=True,
-        text=True,
-        cwd=servers.REPO_ROOT,
-        timeout=600,
-    )
+    done = servers.run_pinned(command, plan.server_cpus, 600)
     if done.returncode != 0:
         plan.notes.append(f"the limit measurement failed: {done.stderr.strip()[-600:]}")
         return {}

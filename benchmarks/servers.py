@@ -37,6 +37,14 @@ def pinned(command: list[str], cpus: str | None) -> list[str]:
     return [taskset, "-c", cpus, *command]
 
 
+def run_pinned(command: list[str], cpus: str | None, timeout: float) -> subprocess.CompletedProcess:
+    """Runs a benchmark part (load generator, limit) pinned to `cpus`, from the repository
+    root, and returns what it printed."""
+    return subprocess.run(
+        pinned(command, cpus), capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
+    )
+
+
 def serverctl() -> list[str]:
     """The `serverctl` of this Python environment, or the module that implements it."""
     script = Path(sys.executable).parent / "serverctl"
