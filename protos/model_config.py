@@ -6,6 +6,7 @@ that completes a config from the model file returns a new one (`model_copy`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -31,6 +32,10 @@ class TensorConfig(_Frozen):
         description="Shape without the batch dimension when max_batch_size > 0; -1 is variable."
     )
     optional: bool = Field(False, description="An input that requests may leave out.")
+
+    def full_dims(self, batching: bool) -> list[int]:
+        """The dims a request's shape is checked against: with a leading -1 when batching."""
+        return [-1, *self.dims] if batching else list(self.dims)
 
     @field_validator("datatype")
     @classmethod
@@ -360,3 +365,26 @@ class ModelConfig(_Frozen):
     def batching(self) -> bool:
         """Whether requests carry a leading batch dimension."""
         return bool(self.max_batch_size)
+
+
+# The one check of shapes against dims, used by request validation, pipelines and backends.
+
+
+def shape_fits(shape: Sequence[int], dims: Sequence[int]) -> bool:
+    """Whether a concrete shape fits declared dims (-1 in `dims` takes any size)."""
+    return len(shape) == len(dims) and all(
+        s >= 0 and (d == -1 or s == d) for s, d in zip(shape, dims, strict=True)
+    )
+
+
+def dims_agree(declared: Sequence[int], found: Sequence[int]) -> bool:
+    """Whether two declarations of one tensor can describe the same shapes: equal ranks, and
+    each dimension equal where both fix it (-1 on either side is variable)."""
+    return len(declared) == len(found) and all(
+        a == -1 or b == -1 or a == b for a, b in zip(declared, found, strict=True)
+    )
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    """A shape as Triton's messages write it: [1,-1,3]."""
+    return "[" + ",".join(map(str, shape)) + "]"
