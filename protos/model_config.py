@@ -377,6 +377,14 @@ def shape_fits(shape: Sequence[int], dims: Sequence[int]) -> bool:
     )
 
 
+def dims_within(declared: Sequence[int], model: Sequence[int]) -> bool:
+    """Whether a config's dims fit the dims a model file has: equal ranks, each dimension
+    equal unless the model's is -1 (a config may fix what the model leaves variable)."""
+    return len(declared) == len(model) and all(
+        m == -1 or d == m for d, m in zip(declared, model, strict=True)
+    )
+
+
 def dims_agree(declared: Sequence[int], found: Sequence[int]) -> bool:
     """Whether two declarations of one tensor can describe the same shapes: equal ranks, and
     each dimension equal where both fix it (-1 on either side is variable)."""
