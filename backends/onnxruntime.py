@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from tiffin.protos.errors import InvalidInput
-from tiffin.protos.model_config import ModelConfig, TensorConfig
+from tiffin.protos.model_config import ModelConfig, TensorConfig, dims_within
 
 from .base import Backend, Device, reject_unknown_parameters
 
@@ -113,10 +113,7 @@ def _complete_tensors(
                 f"{what} '{given.name}' is declared {given.datatype} but the model has "
                 f"{model_t.datatype}"
             )
-        fits = len(given.dims) == len(model_dims) and all(
-            m == -1 or g == m for g, m in zip(given.dims, model_dims, strict=True)
-        )
-        if not fits:
+        if not dims_within(given.dims, model_dims):
             shown = "[-1] + " if batch else ""
             raise ValueError(
                 f"{what} '{given.name}' is declared with dims {given.dims} but the model's shape "

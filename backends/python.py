@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 
 from tiffin.protos.datatypes import DATATYPES, from_numpy
-from tiffin.protos.model_config import ModelConfig, TensorConfig
+from tiffin.protos.model_config import ModelConfig, TensorConfig, shape_fits
 
 from .base import Backend, Device
 
@@ -346,10 +346,7 @@ class PythonBackend(Backend):
                     f"convert it, e.g. with .astype(numpy.{expected.numpy.name})"
                 )
         declared = ([rows if rows is not None else -1] if self._batching else []) + tensor.dims
-        fits = array.ndim == len(declared) and all(
-            d == -1 or d == s for d, s in zip(declared, array.shape, strict=True)
-        )
-        if not fits:
+        if not shape_fits(array.shape, declared):
             batch = f" after a batch dimension of {rows}: {declared}" if self._batching else ""
             raise PythonModelError(
                 f"{where} has shape {list(array.shape)}, but the config declares dims "

@@ -13,7 +13,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tiffin.protos.model_config import ModelConfig, TensorConfig
+from tiffin.protos.model_config import ModelConfig, TensorConfig, dims_within
 
 from .torch_formats import wire_type
 
@@ -275,12 +275,6 @@ def check_outputs(declared: list[TensorConfig], returns: Returns) -> None:
         )
 
 
-def _fits(given: list[int], model: list[int]) -> bool:
-    return len(given) == len(model) and all(
-        m == -1 or g == m for g, m in zip(given, model, strict=True)
-    )
-
-
 def _complete_tensor(
     given: TensorConfig | None, found: TensorConfig, batch: bool, what: str, convertible: bool
 ) -> TensorConfig:
@@ -296,7 +290,7 @@ def _complete_tensor(
                 f"{what} '{given.name}' is declared {given.datatype} but the model has "
                 f"{found.datatype}"
             )
-    if not _fits(given.dims, model_dims):
+    if not dims_within(given.dims, model_dims):
         shown = "[-1] + " if batch else ""
         raise ValueError(
             f"{what} '{given.name}' is declared with dims {given.dims} but the model's shape is "

@@ -39,7 +39,7 @@ import numpy as np
 from tiffin.clients.codec import build_request, read_response
 from tiffin.protos import MAX_MESSAGE_BYTES, method_path, protocol
 from tiffin.protos.errors import BackendError, DeadlineExceeded, RemoteError, TiffinError
-from tiffin.protos.model_config import ModelConfig, ParameterValue, TensorConfig
+from tiffin.protos.model_config import ModelConfig, ParameterValue, TensorConfig, dims_within
 
 from .base import ForwardingBackend, reject_unknown_parameters
 
@@ -282,10 +282,7 @@ def _complete_tensors(
                 f"{what}s: '{given.name}' is declared {given.datatype} but the remote model at "
                 f"{remote_url} has {found.datatype}"
             )
-        fits = len(given.dims) == len(found.dims) and all(
-            r == -1 or g == r for g, r in zip(given.dims, found.dims, strict=True)
-        )
-        if not fits:
+        if not dims_within(given.dims, found.dims):
             raise ValueError(
                 f"{what}s: '{given.name}' is declared with dims {given.dims} but the remote "
                 f"model at {remote_url} has {found.dims}"

@@ -15,7 +15,7 @@ import numpy as np
 
 from tiffin.protos.datatypes import from_numpy
 from tiffin.protos.errors import BackendError, ModelNotReady, TiffinError
-from tiffin.protos.model_config import ModelConfig, PipelineStep, TensorConfig
+from tiffin.protos.model_config import ModelConfig, PipelineStep, TensorConfig, shape_fits
 
 from .request import InferenceRequest, InferenceResponse, ModelKey
 from .statistics import ModelStatistics
@@ -41,12 +41,9 @@ def check_tensor(array: np.ndarray, tensor: TensorConfig, batching: bool, what: 
         datatype = str(array.dtype)
     if datatype != tensor.datatype:
         raise BackendError(f"{what} is {datatype}, but {tensor.datatype} is expected")
-    expected = ([-1] if batching else []) + list(tensor.dims)
+    expected = tensor.full_dims(batching)
     shape = list(array.shape)
-    fits = len(shape) == len(expected) and all(
-        e == -1 or d == e for d, e in zip(shape, expected, strict=True)
-    )
-    if not fits:
+    if not shape_fits(shape, expected):
         raise BackendError(f"{what} has shape {shape}, but {expected} is expected")
 
 

@@ -9,15 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from tiffin.protos.model_config import ModelConfig, PipelineStep, TensorConfig
-
-
-def _shape(dims: list[int], batching: bool) -> list[int]:
-    return ([-1] if batching else []) + list(dims)
-
-
-def _fits(a: list[int], b: list[int]) -> bool:
-    return len(a) == len(b) and all(x == -1 or y == -1 or x == y for x, y in zip(a, b, strict=True))
+from tiffin.protos.model_config import ModelConfig, PipelineStep, TensorConfig, dims_agree
 
 
 def _text(shape: list[int]) -> str:
@@ -66,7 +58,7 @@ def complete_pipeline(config: ModelConfig, steps: Mapping[int, ModelConfig]) -> 
     for tensor in config.inputs:
         known[tensor.name] = (
             tensor.datatype,
-            _shape(tensor.dims, batching),
+            tensor.full_dims(batching),
             f"pipeline input '{tensor.name}'",
         )
     for i, step in enumerate(pipeline.steps):
@@ -77,7 +69,7 @@ def complete_pipeline(config: ModelConfig, steps: Mapping[int, ModelConfig]) -> 
                 raise ValueError(f"{_step_name(i, step)}: {exc}") from None
             known[tensor_name] = (
                 found.datatype,
-                _shape(found.dims, step_batching[i]),
+                found.full_dims(step_batching[i]),
                 f"{_step_name(i, step)} output '{step_output}'",
             )
 
@@ -96,7 +88,7 @@ def complete_pipeline(config: ModelConfig, steps: Mapping[int, ModelConfig]) -> 
                 wanted = _tensor(model, step_input, "input")
             except ValueError as exc:
                 raise ValueError(f"{_step_name(i, step)}: {exc}") from None
-            wanted_shape = _shape(wanted.dims, step_batching[i])
+            wanted_shape = wanted.full_dims(step_batching[i])
             if tensor_name not in known:  # a pipeline input the config leaves to be derived
                 known[tensor_name] = (
                     wanted.datatype,
@@ -116,7 +108,7 @@ def complete_pipeline(config: ModelConfig, steps: Mapping[int, ModelConfig]) -> 
                     f"{_step_name(i, step)} input '{step_input}' is {wanted.datatype}, but it "
                     f"reads '{tensor_name}', which is {datatype} ({where})"
                 )
-            if not _fits(shape, wanted_shape):
+            if not dims_agree(shape, wanted_shape):
                 raise ValueError(
                     f"{_step_name(i, step)} input '{step_input}' has shape "
                     f"{_text(wanted_shape)}, but it reads '{tensor_name}' with shape "
@@ -134,8 +126,8 @@ def complete_pipeline(config: ModelConfig, steps: Mapping[int, ModelConfig]) -> 
                 outputs.append(TensorConfig(name=tensor_name, datatype=datatype, dims=dims))
     for tensor in outputs:
         datatype, shape, where = known[tensor.name]
-        declared = _shape(tensor.dims, batching)
-        if datatype != tensor.datatype or not _fits(shape, declared):
+        declared = tensor.full_dims(batching)
+        if datatype != tensor.datatype or not dims_agree(shape, declared):
             raise ValueError(
                 f"pipeline output '{tensor.name}' is declared {tensor.datatype} "
                 f"{_text(declared)}, but {where} is {datatype} {_text(shape)}"
