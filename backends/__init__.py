@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from tiffin.protos.names import shown
 
-from .base import Backend, BackendBase, Device, ForwardingBackend
+from .base import Backend, BackendBase, BatchResult, Device, ForwardingBackend
 
 #: The environment variable that lists import-path backends to allow (read by the repository
 #: reader, not here): comma-separated `module:Class`, or `module` for every class in that
@@ -138,6 +138,7 @@ __all__ = [
     "ALLOWED_BACKENDS_VARIABLE",
     "Backend",
     "BackendBase",
+    "BatchResult",
     "Device",
     "ForwardingBackend",
     "backend_names",

@@ -2,13 +2,14 @@
 
 A backend knows nothing of gRPC, queues or processes. The scheduler creates one
 backend object per model instance (in a worker process or in the frontend),
-calls `load` once, `infer` once per batch, and `unload` at the end.
+calls `load` once, `infer_batch` once per batch (by default it calls `infer`), and
+`unload` at the end.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +39,21 @@ def reject_unknown_parameters(config: ModelConfig, known: tuple[str, ...], backe
             f"parameters {', '.join(unknown)} are unknown to the {backend} backend; "
             f"it reads {', '.join(known)}"
         )
+
+
+@dataclass
+class BatchResult:
+    """What `Backend.infer_batch` returns: the batch's outputs, and the requests that failed.
+
+    `outputs` holds an array per requested output with rows for every request of the
+    batch (the rows of failed requests are ignored; when every request failed, it may be
+    empty). `failed` maps a request's index within the batch to its error: an
+    `InvalidInput` (`tiffin.protos.errors`) when the request is at fault (INVALID_ARGUMENT),
+    any other exception when the model failed on it (INTERNAL, naming the model).
+    """
+
+    outputs: dict[str, np.ndarray]
+    failed: dict[int, Exception] = field(default_factory=dict)
 
 
 class BackendBase:
@@ -84,8 +100,14 @@ class Backend(BackendBase, ABC):
     """One model instance of one framework.
 
     Lifecycle as in Triton's python backend (initialize / execute / finalize):
-    `load(config, version_dir, device)`, then `infer(inputs, outputs)` per batch,
-    then `unload()`. Errors raised by `infer` fail only the batch being run.
+    `load(config, version_dir, device)`, then `infer_batch(inputs, outputs, rows)` per
+    batch, which calls `infer(inputs, outputs)` unless overridden, then `unload()`.
+
+    A request fails alone: override `infer_batch` to report the requests of a batch that
+    failed (one error per request, as Triton's python backend answers), and only those fail;
+    the batch runs once. An exception raised for the whole batch makes the scheduler run its
+    requests again one at a time, so that only the bad ones fail: the fallback, which
+    repeats the work and any side effects of the requests that were fine.
     """
 
     @abstractmethod
@@ -100,6 +122,18 @@ class Backend(BackendBase, ABC):
         is the batch when the model batches. `outputs` names the outputs to
         return. Returns an array per requested output.
         """
+
+    def infer_batch(
+        self, inputs: dict[str, np.ndarray], outputs: list[str], rows: list[int]
+    ) -> BatchResult:
+        """Runs one batch of requests, reporting those that failed.
+
+        `inputs` and `outputs` are as for `infer`; `rows` holds the number of rows of each
+        request of the batch, in order (1 each when the model does not batch), so that
+        request `i` owns rows `sum(rows[:i])` to `sum(rows[:i + 1])` of every input.
+        The default calls `infer` and reports no failures.
+        """
+        return BatchResult(self.infer(inputs, outputs))
 
     def unload(self) -> None:  # noqa: B027 - optional hook; most backends let GC free memory
         """Releases what `load` acquired. Called once; the object is not used again."""

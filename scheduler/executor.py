@@ -188,24 +188,26 @@ class ModelExecutor:
             execution = await instance.execute(requests, outputs)
         except (BackendError, InvalidInput) as exc:
             if len(entries) > 1:
-                # One bad request must not fail those it was batched with: run each alone,
-                # so that only the request(s) the backend rejects fail.
+                # The backend failed the whole batch, not the requests at fault (see
+                # Backend.infer_batch): run each alone, so that only those the backend
+                # rejects fail. The fallback; it repeats the work of the others.
                 for entry in entries:
                     await self._run(instance, [entry])
                 return
-            prefix = f"model '{self.key.name}' version {self.key.version}"
-            if isinstance(exc, InvalidInput):
-                self._fail(entries, InvalidInput(f"{prefix} rejected the request: {exc.message}"))
-                return
-            error = BackendError(f"{prefix} failed: {exc.message}")
-            log.warning("%s", error.message)
-            self._fail(entries, error)
+            self._fail(entries, self._request_error(exc))
             return
         except TiffinError as exc:
             self._fail(entries, exc)
             return
         output_start = time.perf_counter_ns()
-        responses = self._scatter(requests, execution)
+        failed = execution.failed
+        responses: list[InferenceResponse | TiffinError]
+        if len(failed) == len(requests):  # every request failed: there are no outputs
+            responses = [self._request_error(failed[i]) for i in range(len(requests))]
+        else:
+            responses = self._scatter(requests, execution)
+            for index, error in failed.items():  # the requests the backend reported fail alone
+                responses[index] = self._request_error(error)
         output_ns = time.perf_counter_ns() - output_start
         rows = sum(r.batch_size for r in requests)
         stats.record_execution(
@@ -250,6 +252,16 @@ class ModelExecutor:
             else:
                 responses.append(InferenceResponse(self.key, outputs, request.id))
         return responses
+
+    def _request_error(self, exc: TiffinError) -> TiffinError:
+        """The error a request fails with when the backend rejected it (InvalidInput) or
+        failed on it (BackendError), naming the model version."""
+        prefix = f"model '{self.key.name}' version {self.key.version}"
+        if isinstance(exc, InvalidInput):
+            return InvalidInput(f"{prefix} rejected the request: {exc.message}")
+        error = BackendError(f"{prefix} failed: {exc.message}")
+        log.warning("%s", error.message)
+        return error
 
     def _fail(self, entries: list[Entry], error: TiffinError) -> None:
         now = time.monotonic_ns()

@@ -17,20 +17,20 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from tiffin.backends import Backend, Device, get_batch_backend
-from tiffin.protos.errors import BackendError, InvalidInput, ModelNotReady
+from tiffin.protos.errors import BackendError, InvalidInput, ModelNotReady, TiffinError
 from tiffin.protos.model_config import ModelConfig
 
 from .arena import Arena
 from .request import InferenceRequest
 from .tensorref import view, write_inputs
-from .worker import run_worker
+from .worker import failure_messages, run_worker
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,14 @@ RESTART_BACKOFF_SECONDS = (0.2, 1.0, 2.0, 5.0, 10.0)
 
 @dataclass
 class Execution:
-    """The outputs of one batch, whole (all rows), and how long its stages took."""
+    """The outputs of one batch, whole (all rows), how long its stages took, and the
+    requests that the backend reported failed (index in the batch -> error)."""
 
-    outputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]  # empty when every request failed
     borrowed: bool  # the arrays view an arena that the instance's next batch reuses
     input_ns: int
     infer_ns: int
+    failed: dict[int, TiffinError] = field(default_factory=dict)
 
 
 class InstanceDied(ModelNotReady):
@@ -71,6 +73,15 @@ class Instance(Protocol):
 def gather_inputs(requests: list[InferenceRequest]) -> dict[str, list[np.ndarray]]:
     """Input name -> the arrays of every request, in request order."""
     return {name: [r.inputs[name] for r in requests] for name in requests[0].inputs}
+
+
+def failure_errors(messages: dict[int, tuple[bool, str]]) -> dict[int, TiffinError]:
+    """The errors of the requests that a backend reported failed (see `failure_messages`):
+    InvalidInput for those at fault, BackendError for the others."""
+    return {
+        index: InvalidInput(message) if at_fault else BackendError(message)
+        for index, (at_fault, message) in messages.items()
+    }
 
 
 # Inline instances load and unload one at a time: loading is not thread-safe in every
@@ -131,19 +142,28 @@ class InlineInstance:
             name: arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
             for name, arrays in gather_inputs(requests).items()
         }
+        rows = [r.batch_size for r in requests]
         begin = time.perf_counter_ns()
         try:
-            results = self._backend.infer(inputs, outputs)
+            result = self._backend.infer_batch(inputs, outputs, rows)
+            infer_ns = time.perf_counter_ns() - begin
+            failed = failure_messages(result, len(rows))
         except InvalidInput:  # the request's fault, not the model's
             raise
         except Exception as exc:
             raise BackendError(str(exc) or type(exc).__name__) from exc
-        infer_ns = time.perf_counter_ns() - begin
+        if len(failed) == len(rows):  # no outputs are needed when every request failed
+            return Execution({}, False, begin - start, infer_ns, failure_errors(failed))
+        results = result.outputs
         missing = [n for n in outputs if n not in results]
         if missing:
             raise BackendError(f"the backend returned no output named {', '.join(missing)}")
         return Execution(
-            {n: np.asarray(results[n]) for n in outputs}, False, begin - start, infer_ns
+            {n: np.asarray(results[n]) for n in outputs},
+            False,
+            begin - start,
+            infer_ns,
+            failure_errors(failed) if failed else {},
         )
 
     async def unload(self) -> None:
@@ -317,7 +337,8 @@ class WorkerInstance:
         try:
             self._conn.send_bytes(
                 pickle.dumps(
-                    ("infer", refs, outputs, free_offset), protocol=pickle.HIGHEST_PROTOCOL
+                    ("infer", refs, outputs, free_offset, [r.batch_size for r in requests]),
+                    protocol=pickle.HIGHEST_PROTOCOL,
                 )
             )
         except OSError as exc:  # it died a moment ago; _on_exit has yet to hear of it
@@ -331,9 +352,13 @@ class WorkerInstance:
             raise BackendError(message[1])
         if message[0] == "invalid":
             raise InvalidInput(message[1])
-        _, output_refs, infer_ns = message
+        _, output_refs, infer_ns, failed = message
         return Execution(
-            {ref.name: view(self._arena, ref) for ref in output_refs}, True, input_ns, infer_ns
+            {ref.name: view(self._arena, ref) for ref in output_refs},
+            True,
+            input_ns,
+            infer_ns,
+            failure_errors(failed) if failed else {},
         )
 
     async def _reap(self) -> None:

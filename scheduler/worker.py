@@ -4,11 +4,14 @@ Started with `spawn` by WorkerInstance. The environment (CUDA_VISIBLE_DEVICES fi
 is set before any framework is imported. Messages on the pipe are small pickled
 headers; tensors stay in the shared-memory arena.
 
-  frontend -> worker   ("infer", [TensorRef inputs], [output names], first free offset)
+  frontend -> worker   ("infer", [TensorRef inputs], [output names], first free offset,
+                        [rows of each request])
                        ("stop",)
   worker -> frontend   ("ready", {pid, environment})  or  ("failed", message)   once
-                       ("done", [TensorRef outputs], infer_ns), ("error", message)
-                       or ("invalid", message) when the backend raised InvalidInput
+                       ("done", [TensorRef outputs], infer_ns, {request index: (at fault,
+                        message)} for the requests the backend reported failed),
+                       ("error", message) or ("invalid", message) when the backend raised
+                       for the whole batch (InvalidInput: "invalid")
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+from tiffin.backends import BatchResult
+from tiffin.protos.errors import InvalidInput
 
 
 def run_worker(
@@ -35,7 +41,6 @@ def run_worker(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the frontend's to handle
 
     from tiffin.backends import Device, get_batch_backend
-    from tiffin.protos.errors import InvalidInput
     from tiffin.protos.model_config import ModelConfig
 
     from .arena import Arena
@@ -58,26 +63,61 @@ def run_worker(
             break
         if message[0] == "stop":
             break
-        _, input_refs, outputs, free_offset = message
+        _, input_refs, outputs, free_offset, rows = message
         try:
             inputs = {ref.name: view(arena, ref) for ref in input_refs}
             start = time.perf_counter_ns()
-            results = backend.infer(inputs, outputs)
+            result = backend.infer_batch(inputs, outputs, rows)
             infer_ns = time.perf_counter_ns() - start
             del inputs
+            failed = failure_messages(result, len(rows))
             refs = []
-            for name in outputs:
-                if name not in results:
-                    raise KeyError(f"the backend returned no output named '{name}'")
-                ref, free_offset = write(arena, name, _as_array(results[name]), free_offset)
-                refs.append(ref)
-            reply: tuple[Any, ...] = ("done", refs, infer_ns)
+            if len(failed) < len(rows):  # no outputs are needed when every request failed
+                for name in outputs:
+                    if name not in result.outputs:
+                        raise KeyError(f"the backend returned no output named '{name}'")
+                    array = _as_array(result.outputs[name])
+                    ref, free_offset = write(arena, name, array, free_offset)
+                    refs.append(ref)
+            reply: tuple[Any, ...] = ("done", refs, infer_ns, failed)
         except InvalidInput as exc:  # the request's fault, not the model's
             reply = ("invalid", exc.message)
         except Exception as exc:
             reply = ("error", str(exc) or type(exc).__name__)
         conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
     backend.unload()
+
+
+def failure_messages(result: BatchResult, requests: int) -> dict[int, tuple[bool, str]]:
+    """The requests of a batch of `requests` that `infer_batch` reported failed, as picklable
+    messages: index -> (whether the request is at fault, message).
+
+    Raises TypeError or ValueError, failing the whole batch, when `result` is not a
+    BatchResult or names something other than a request of the batch."""
+    if not isinstance(result, BatchResult):
+        raise TypeError(
+            f"infer_batch returned {type(result).__name__}; it must return a "
+            "tiffin.backends.BatchResult"
+        )
+    if not result.failed:
+        return {}
+    messages = {}
+    for index, error in result.failed.items():
+        if not isinstance(index, int) or not 0 <= index < requests:
+            raise ValueError(
+                f"infer_batch reported a failure for request {index!r}, but the batch holds "
+                f"requests 0 to {requests - 1}"
+            )
+        if isinstance(error, InvalidInput):
+            messages[index] = (True, error.message)
+        elif isinstance(error, Exception):
+            messages[index] = (False, str(error) or type(error).__name__)
+        else:
+            raise TypeError(
+                f"infer_batch reported {type(error).__name__} for request {index}; "
+                "report an exception"
+            )
+    return messages
 
 
 def _as_array(value: Any) -> Any:
