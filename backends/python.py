@@ -32,13 +32,31 @@ The contract:
   memory that the next batch reuses: copy what you keep. Return a dict with an array for every
   name in `outputs` (more are ignored), each of its declared datatype and shape; BYTES outputs
   may be object arrays of bytes or str (or numpy S/U arrays).
+- `infer_batch(inputs, outputs, rows)` may replace `infer` to fail single requests of a batch
+  (one response or error per request, as in Triton's python backend). `rows` holds the rows of
+  each request in batch order, so request `i` owns rows `sum(rows[:i])` up to
+  `sum(rows[:i + 1])`; return `tiffin.backends.BatchResult(outputs, failed)`, where `outputs`
+  is as `infer` returns it, with rows for every request (those of failed requests are
+  ignored; empty when all failed), and `failed` maps a request's index to its exception::
+
+      def infer_batch(self, inputs, outputs, rows):
+          failed, start = {}, 0
+          for i, n in enumerate(rows):
+              if (inputs["X"][start : start + n] < 0).any():
+                  failed[i] = InvalidInput("X must not be negative")  # tiffin.protos.errors
+              start += n
+          return BatchResult({"Y": inputs["X"] * 2}, failed)
+
 - If model.py defines several Backend subclasses, `parameters: {class_name: Name}` picks one.
 
-Errors: an exception in `infer` fails the requests of that batch with INTERNAL and the
-exception's type and message (a batch of several requests is re-run one by one, so only the
-bad request fails); the traceback goes to the server log. An exception while importing model.py
-or in `load` makes the version UNAVAILABLE with a reason naming model.py and the traceback's
-last line (for a SyntaxError, the file and line).
+Errors: a request reported in `failed` fails alone and nothing runs again: an `InvalidInput`
+with INVALID_ARGUMENT and its message, any other exception with INTERNAL and its type and
+message. An exception raised by `infer` (or `infer_batch`) fails the whole batch: as a
+fallback, the scheduler runs a batch of several requests again one request at a time
+(repeating the work of the good ones), so that only the bad request fails, with INTERNAL and
+the exception's type and message; the traceback goes to the server log. An exception while
+importing model.py or in `load` makes the version UNAVAILABLE with a reason naming model.py and
+the traceback's last line (for a SyntaxError, the file and line).
 
 Modules next to model.py: `from . import helpers` works at any time (model.py is imported as a
 module of a private package for its version folder). A plain `import helpers` works at the top
@@ -70,9 +88,10 @@ from typing import Any
 import numpy as np
 
 from tiffin.protos.datatypes import DATATYPES, from_numpy
+from tiffin.protos.errors import InvalidInput
 from tiffin.protos.model_config import ModelConfig, TensorConfig, shape_fits
 
-from .base import Backend, Device
+from .base import Backend, BatchResult, Device
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +252,7 @@ class PythonBackend(Backend):
         self._version_dir = Path()
         self._outputs: dict[str, TensorConfig] = {}
         self._batching = False
+        self._reports_failures = False  # model.py's class overrides infer_batch
 
     @classmethod
     def complete_config(cls, config: ModelConfig, model_path: Path) -> ModelConfig:
@@ -291,6 +311,7 @@ class PythonBackend(Backend):
                 f"{describe_exception(exc, version_dir)}"
             ) from None
         self._model = model
+        self._reports_failures = model_class.infer_batch is not Backend.infer_batch
 
     def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         """Runs the user's `infer` and checks that it answered every output as declared."""
@@ -300,25 +321,87 @@ class PythonBackend(Backend):
         except Exception as exc:
             log.warning("%s.infer failed", self._class_name, exc_info=True)
             raise PythonModelError(describe_exception(exc, self._version_dir)) from None
-        if not isinstance(results, Mapping):
-            raise PythonModelError(
-                f"{self._class_name}.infer returned {type(results).__name__}; it must return a "
-                "dict mapping output names to arrays"
-            )
         rows = next((len(a) for a in inputs.values() if a.ndim), None) if self._batching else None
+        return self._check_outputs("infer", results, outputs, rows)
+
+    def infer_batch(
+        self, inputs: dict[str, np.ndarray], outputs: list[str], rows: list[int]
+    ) -> BatchResult:
+        """Runs the user's `infer_batch` if it has one (else `infer`), and checks its answer:
+        every output as declared, failures keyed by request index."""
+        if not self._reports_failures:
+            return BatchResult(self.infer(inputs, outputs))
+        assert self._model is not None, "infer_batch() before load()"
+        where = f"{self._class_name}.infer_batch"
+        try:
+            result = self._model.infer_batch(inputs, outputs, rows)
+        except Exception as exc:
+            log.warning("%s failed", where, exc_info=True)
+            raise PythonModelError(describe_exception(exc, self._version_dir)) from None
+        if not isinstance(result, BatchResult):
+            raise PythonModelError(
+                f"{where} returned {type(result).__name__}; it must return "
+                "tiffin.backends.BatchResult(outputs, failed)"
+            )
+        failed = self._check_failures(where, result.failed, len(rows))
+        if len(failed) == len(rows):
+            return BatchResult({}, failed)
+        total = sum(rows) if self._batching else None
+        checked = self._check_outputs("infer_batch", result.outputs, outputs, total)
+        return BatchResult(checked, failed)
+
+    def _check_failures(self, where: str, failed: Any, requests: int) -> dict[int, Exception]:
+        """`failed` with each error the client is not at fault for worded as a traceback's last
+        line; PythonModelError when it does not map request indexes to exceptions."""
+        if not isinstance(failed, Mapping):
+            raise PythonModelError(
+                f"{where} returned failed={type(failed).__name__}; it must map request indexes "
+                "to exceptions"
+            )
+        checked: dict[int, Exception] = {}
+        for index, error in failed.items():
+            if not isinstance(index, int) or not 0 <= index < requests:
+                raise PythonModelError(
+                    f"{where} reported a failure for request {index!r}, but the batch holds "
+                    f"requests 0 to {requests - 1}"
+                )
+            if not isinstance(error, Exception):
+                raise PythonModelError(
+                    f"{where} reported {type(error).__name__} for request {index}; report an "
+                    "exception, such as tiffin.protos.errors.InvalidInput for a bad request"
+                )
+            if isinstance(error, InvalidInput):
+                checked[index] = error
+            else:
+                checked[index] = PythonModelError(describe_exception(error, self._version_dir))
+        return checked
+
+    def _check_outputs(
+        self, method: str, results: Any, outputs: list[str], rows: int | None
+    ) -> dict[str, np.ndarray]:
+        """The outputs that `method` answered, each checked against the config."""
+        if not isinstance(results, Mapping):
+            what = "outputs of type " if method == "infer_batch" else ""
+            raise PythonModelError(
+                f"{self._class_name}.{method} returned {what}{type(results).__name__}; it must "
+                "return a dict mapping output names to arrays"
+            )
         checked = {}
         for name in outputs:
             if name not in results:
                 returned = ", ".join(map(str, results)) or "nothing"
                 raise PythonModelError(
-                    f"{self._class_name}.infer returned no output '{name}' (it returned {returned})"
+                    f"{self._class_name}.{method} returned no output '{name}' (it returned "
+                    f"{returned})"
                 )
-            checked[name] = self._check_output(self._outputs[name], results[name], rows)
+            checked[name] = self._check_output(self._outputs[name], results[name], rows, method)
         return checked
 
-    def _check_output(self, tensor: TensorConfig, value: Any, rows: int | None) -> np.ndarray:
+    def _check_output(
+        self, tensor: TensorConfig, value: Any, rows: int | None, method: str = "infer"
+    ) -> np.ndarray:
         """The output as an array of its declared datatype, or a sentence on what is wrong."""
-        where = f"output '{tensor.name}' returned by {self._class_name}.infer"
+        where = f"output '{tensor.name}' returned by {self._class_name}.{method}"
         array = np.asarray(value)
         if tensor.datatype == "BYTES":
             if array.dtype.kind in "SU":
