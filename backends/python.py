@@ -32,12 +32,14 @@ The contract:
   memory that the next batch reuses: copy what you keep. Return a dict with an array for every
   name in `outputs` (more are ignored), each of its declared datatype and shape; BYTES outputs
   may be object arrays of bytes or str (or numpy S/U arrays).
-- `infer_batch(inputs, outputs, rows)` may replace `infer` to fail single requests of a batch
-  (one response or error per request, as in Triton's python backend). `rows` holds the rows of
-  each request in batch order, so request `i` owns rows `sum(rows[:i])` up to
-  `sum(rows[:i + 1])`; return `tiffin.backends.BatchResult(outputs, failed)`, where `outputs`
-  is as `infer` returns it, with rows for every request (those of failed requests are
-  ignored; empty when all failed), and `failed` maps a request's index to its exception::
+- To fail single requests of a batch (one response or error per request, as in Triton's
+  python backend), define `infer_batch(inputs, outputs, rows)` too: it is then called instead
+  of `infer`. `rows` holds the rows of each request in batch order, so request `i` owns rows
+  `sum(rows[:i])` up to `sum(rows[:i + 1])` (without a batch dimension, a batch is one
+  request and `rows` is `[1]`); return `tiffin.backends.BatchResult(outputs,
+  failed)`, where `outputs` is as `infer` returns it, with rows for every request (those of
+  failed requests are ignored; empty when all failed), and `failed` maps a request's index to
+  its exception::
 
       def infer_batch(self, inputs, outputs, rows):
           failed, start = {}, 0
