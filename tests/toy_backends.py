@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tiffin.backends import Backend, Device
+from tiffin.backends import Backend, BatchResult, Device
+from tiffin.protos.errors import InvalidInput
 from tiffin.protos.model_config import ModelConfig
 
 
@@ -65,6 +66,32 @@ class Fail(_Toy):
         if (inputs["INPUT0"] < 0).any():
             raise ValueError("negative input is not allowed")
         return super().infer(inputs, outputs)
+
+
+class FailSome(_Toy):
+    """OUTPUT0 = INPUT0, with per-request failures through `infer_batch`: a request holding a
+    negative value fails with InvalidInput (its fault), one holding a value above 1000 with
+    RuntimeError (the model's). Appends the rows of every batch it is given to `calls.log` in
+    its version folder; returns no outputs when every request of a batch failed."""
+
+    def infer_batch(
+        self, inputs: dict[str, np.ndarray], outputs: list[str], rows: list[int]
+    ) -> BatchResult:
+        values = inputs["INPUT0"]
+        with open(self.version_dir / "calls.log", "a") as log:
+            log.write(f"{len(values)}\n")
+        failed: dict[int, Exception] = {}
+        start = 0
+        for index, count in enumerate(rows):
+            own = values[start : start + count]
+            start += count
+            if (own < 0).any():
+                failed[index] = InvalidInput(f"INPUT0 holds a negative value, {own.min()}")
+            elif (own > 1000).any():
+                failed[index] = RuntimeError(f"INPUT0 holds {own.max()}, above 1000")
+        if len(failed) == len(rows):
+            return BatchResult({}, failed)
+        return BatchResult({"OUTPUT0": values.copy()}, failed)
 
 
 class Crash(_Toy):
