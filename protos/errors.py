@@ -1,6 +1,7 @@
 """One error tree for everything a request can run into, each carrying its gRPC status.
 
-Core code raises these; the gRPC edge maps them to a status once (server/service.py).
+Core code raises these; each front door maps them to its status once (server/grpc/service.py,
+server/rest/).
 Messages are sentences a user can act on, following Triton's wording where one exists.
 """
 

@@ -13,6 +13,7 @@ import _thread
 import asyncio
 import collections
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from tiffin.protos.errors import Cancelled, TiffinError
@@ -31,10 +32,17 @@ class Pending:
         "_cancelled",
         "_finished",
         "_loop",
+        "_on_done_callback",
     )
 
-    def __init__(self, request: InferenceRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        request: InferenceRequest,
+        loop: asyncio.AbstractEventLoop,
+        on_done: Callable[[Pending], None] | None = None,
+    ) -> None:
         self.request = request
+        self._on_done_callback = on_done
         self.response: InferenceResponse | None = None
         self.error: BaseException | None = None
         self._done = _thread.allocate_lock()
@@ -76,6 +84,8 @@ class Pending:
         self.response, self.error = response, error
         self._finished = True
         self._done.release()
+        if self._on_done_callback is not None:  # an asyncio front door: wait() will not block
+            self._on_done_callback(self)
 
     def _on_done(self, future: asyncio.Future[InferenceResponse]) -> None:
         if future.cancelled():
@@ -96,8 +106,12 @@ class LoopBridge:
         self._lock = threading.Lock()
         self._drain_scheduled = False
 
-    def submit(self, request: InferenceRequest) -> Pending:
-        pending = Pending(request, self._loop)
+    def submit(
+        self, request: InferenceRequest, on_done: Callable[[Pending], None] | None = None
+    ) -> Pending:
+        """Hands a request to the loop. Wait on the Pending, or pass `on_done`, called on
+        the loop's thread once it is answered."""
+        pending = Pending(request, self._loop, on_done)
         self._inbox.append(pending)
         with self._lock:
             wake = not self._drain_scheduled

@@ -5,24 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from concurrent import futures
 from importlib import metadata
 
-import grpc
-from google.protobuf import descriptor_pool
-from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection, reflection_pb2
-
 from tiffin.backends import parse_allowed_backends
-from tiffin.protos import MAX_MESSAGE_BYTES, SERVICE_NAME, protocol
 from tiffin.scheduler import Scheduler
 from tiffin.scheduler.arena import remove_stale_arenas
 
-from .health import Health
+from .dataplane import DataPlane, ServerState
+from .grpc import GrpcFrontDoor
+from .limits import message_limit
 from .manager import ModelManager
-from .service import InferenceService, ServerState
 from .settings import ServerSettings
-from .wire import message_limit
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +25,6 @@ def _version() -> str:
         return metadata.version("tiffin")
     except metadata.PackageNotFoundError:
         return "0+unknown"
-
-
-def _reflection_pool() -> descriptor_pool.DescriptorPool:
-    """inference.proto plus health and reflection, in a pool apart from protobuf's default one
-    (where tritonclient may have put Triton's own inference.* messages)."""
-    pool = descriptor_pool.DescriptorPool()
-    for file_proto in protocol().file_descriptor_set.file:
-        pool.Add(file_proto)
-    for module in (health_pb2, reflection_pb2):
-        pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
-    return pool
 
 
 class Server:
@@ -67,9 +49,17 @@ class Server:
             self._scheduler,
             allowed_backends=parse_allowed_backends(settings.allowed_backends),
         )
+        self.plane = DataPlane(
+            self._manager,
+            self._scheduler,
+            self._loop,
+            self._state,
+            _version(),
+            settings.strict_readiness,
+            self._models_changed,
+        )
         self._stopped = threading.Event()
-        self._grpc: grpc.Server | None = None
-        self._health: Health | None = None
+        self._grpc: GrpcFrontDoor | None = None
 
     @property
     def manager(self) -> ModelManager:
@@ -88,45 +78,8 @@ class Server:
             v.config for spec in specs for v in spec.versions if v.config is not None
         )
         log.info("request messages may be up to %d bytes", receive_limit)
-        options = [
-            ("grpc.max_send_message_length", s.max_message_bytes or MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", receive_limit),
-            ("grpc.so_reuseport", 0),  # a taken port must fail loudly, not be shared
-        ]
-        self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=s.grpc_threads, thread_name_prefix="grpc"),
-            options=options,
-            maximum_concurrent_rpcs=s.grpc_threads,
-        )
-        service = InferenceService(
-            self._manager,
-            self._scheduler,
-            self._loop,
-            self._state,
-            _version(),
-            s,
-            receive_limit,
-            self._models_changed,
-        )
-        self._service = service
-        self._grpc.add_generic_rpc_handlers((service.generic_handler(),))
-        self._health = Health(self._grpc)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self._grpc,
-            pool=_reflection_pool(),
-        )
-        address = f"{s.host}:{s.grpc_port}"
-        try:
-            self.port = self._grpc.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise OSError(f"cannot listen on {address}: {exc}") from None
-        self._grpc.start()
-        log.info("listening for gRPC on %s:%d", s.host, self.port)
+        self._grpc = GrpcFrontDoor(self.plane, self._manager, s, receive_limit)
+        self.port = self._grpc.start(s.host, s.grpc_port)
         asyncio.run_coroutine_threadsafe(self._manager.load_all(specs), self._loop).result()
         self._state.loaded = True
         self._models_changed()
@@ -139,10 +92,8 @@ class Server:
         )
 
     def _models_changed(self) -> None:
-        self._service.refresh_limits()
-        if self._health is not None:
-            self._health.update_models(self._manager)
-            self._health.set_ready(self._service.is_ready())
+        if self._grpc is not None:
+            self._grpc.models_changed()
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown; safe to call more than once."""
@@ -151,10 +102,8 @@ class Server:
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         log.info("shutting down: finishing in-flight requests (up to %.0f s)", grace)
         self._state.stopping = True
-        if self._health is not None:
-            self._health.shutdown()  # first, so that load balancers stop sending work
-        self._service.end_streams()
-        self._grpc.stop(grace).wait()
+        self._grpc.begin_shutdown()
+        self._grpc.stop(grace)
         asyncio.run_coroutine_threadsafe(self._manager.unload_all(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=5)

@@ -6,14 +6,12 @@ import numpy as np
 
 from tiffin.protos import MAX_MESSAGE_BYTES, protocol
 from tiffin.protos.model_config import ModelConfig
-from tiffin.server.wire import (
+from tiffin.server.grpc.decoder import RequestDecoder, Undecodable, peek_model_name
+from tiffin.server.limits import (
     PLAIN_REQUEST_MAX_BYTES,
     REQUEST_OVERHEAD_BYTES,
-    RequestDecoder,
-    Undecodable,
     max_request_bytes,
     message_limit,
-    peek_model_name,
 )
 
 pb = protocol()

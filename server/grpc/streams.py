@@ -24,8 +24,8 @@ import grpc
 from tiffin.protos.errors import TiffinError
 from tiffin.protos.model_config import ModelConfig
 
-from .bridge import Pending
-from .wire import Undecodable
+from ..bridge import Pending
+from .decoder import Undecodable
 
 log = logging.getLogger(__name__)
 

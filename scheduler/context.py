@@ -1,0 +1,92 @@
+"""What every request carries from the front door to its answer: who, until when, and when.
+
+A front door makes the context when a call arrives; each stage stamps the timeline once
+(`Timeline.stamp`), and statistics, metrics and tracing all read the same stamps, so
+nothing is measured twice. Times are `time.monotonic_ns()`; 0 means "not reached".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+# The stages of a request, in the order it passes them.
+STAGES = ("received", "queued", "batch_start", "compute_start", "compute_end", "sent")
+
+
+class Timeline:
+    """When a request reached each stage (monotonic nanoseconds; 0: not reached)."""
+
+    __slots__ = STAGES
+
+    def __init__(self, received: int = 0) -> None:
+        self.received = received or time.monotonic_ns()
+        self.queued = self.batch_start = self.compute_start = self.compute_end = self.sent = 0
+
+    def stamp(self, stage: str, at: int = 0) -> int:
+        """Records that the request reached `stage` now (or `at`); returns the time."""
+        at = at or time.monotonic_ns()
+        setattr(self, stage, at)
+        return at
+
+    def between(self, start: str, end: str) -> int:
+        """Nanoseconds from one stage to a later one; 0 when either was not reached."""
+        a, b = getattr(self, start), getattr(self, end)
+        return b - a if a and b else 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {stage: getattr(self, stage) for stage in STAGES}
+
+
+class RequestContext:
+    """One call as it passes through the server.
+
+    `front_door` is "grpc" or "rest"; `operation` the data plane operation ("infer",
+    "model_metadata", ...); `metadata` the caller's headers or gRPC metadata (lower-case
+    keys); `principal` who the caller is once authenticated ("" while nothing
+    authenticates); `trace` the caller's trace context (traceparent and friends, empty
+    while nothing traces). `on_finish` callbacks run once, with the final status name,
+    when the call is answered.
+    """
+
+    __slots__ = (
+        "front_door",
+        "operation",
+        "metadata",
+        "id",
+        "model",
+        "deadline",
+        "principal",
+        "trace",
+        "timeline",
+        "on_finish",
+        "status",
+    )
+
+    def __init__(
+        self,
+        front_door: str,
+        operation: str,
+        metadata: Mapping[str, str] | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        self.front_door = front_door
+        self.operation = operation
+        self.metadata: Mapping[str, str] = metadata or {}
+        self.id = ""
+        self.model = ""
+        self.deadline = deadline  # time.monotonic() after which the caller no longer waits
+        self.principal = ""
+        self.trace: dict[str, str] = {}
+        self.timeline = Timeline()
+        self.on_finish: list[Callable[[RequestContext], None]] = []
+        self.status = ""  # "OK" or the status code's name, once answered
+
+    def finish(self, status: str) -> None:
+        """The call is answered with `status`: stamps `sent` and runs the callbacks once."""
+        if self.status:
+            return
+        self.status = status
+        self.timeline.stamp("sent")
+        for callback in self.on_finish:
+            callback(self)

@@ -1,0 +1,312 @@
+"""The data plane: what the server does, whichever front door (gRPC, REST) a call came in by.
+
+Every operation takes the call's `RequestContext` and runs inside the interceptor chain
+(server/interceptors.py), so a front door only decodes, calls one method here, and
+encodes the result or the TiffinError. Results are plain Python (dataclasses, the
+scheduler's responses, the config model), never protocol messages. Operations are
+called from front-door threads; they read the registry's immutable snapshots, and hand
+anything that changes state to the scheduler's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tiffin.protos.errors import InvalidInput, ServerNotReady, UnknownModel, Unsupported
+from tiffin.protos.model_config import ModelConfig
+from tiffin.protos.names import parse_version, shown
+from tiffin.scheduler import InferenceResponse, ModelKey, Scheduler
+from tiffin.scheduler.context import RequestContext
+from tiffin.scheduler.statistics import ModelStatistics
+
+from .bridge import LoopBridge, Pending
+from .interceptors import Chain
+from .manager import READY, ModelManager
+from .validation import WireRequest, validate
+
+SERVER_NAME = "tiffin"
+# Only what really works is advertised: perf_analyzer acts on this list.
+EXTENSIONS = ["model_configuration", "statistics", "model_repository"]
+
+
+@dataclass(frozen=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: list[int]  # -1 for the batch dimension and variable dims
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+@dataclass(frozen=True)
+class ServerMetadata:
+    name: str
+    version: str
+    extensions: list[str]
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One row of the repository index: a model version (or a model without versions)."""
+
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Started:
+    """A request on its way: wait on `pending`; `config` encodes its response."""
+
+    pending: Pending
+    config: ModelConfig
+
+
+class ServerState:
+    """Whether the server is ready, shared between the Server and the data plane."""
+
+    def __init__(self) -> None:
+        self.loaded = False  # the repository's first load has finished
+        self.stopping = False
+
+    def check_accepting(self) -> None:
+        if self.stopping:
+            raise ServerNotReady(
+                "the server is shutting down and has stopped accepting new requests"
+            )
+
+
+class DataPlane:
+    """Protocol-neutral operations; each runs through the interceptor chain."""
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        scheduler: Scheduler,
+        loop: asyncio.AbstractEventLoop,
+        state: ServerState,
+        version: str,
+        strict_readiness: bool,
+        on_models_changed: Callable[[], None],
+    ) -> None:
+        self.chain = Chain()
+        self._manager = manager
+        self._scheduler = scheduler
+        self._bridge = LoopBridge(loop, scheduler)
+        self._state = state
+        self._version = version
+        self._strict = strict_readiness
+        self._on_models_changed = on_models_changed
+
+    @property
+    def repository_name(self) -> str:
+        return self._manager.repository.name
+
+    # ---- health ---------------------------------------------------------------------------
+
+    def accepting(self) -> bool:
+        """False once shutdown has begun."""
+        return not self._state.stopping
+
+    def live(self, context: RequestContext) -> bool:
+        return self.chain.run(context, lambda: not self._state.stopping)
+
+    def ready(self, context: RequestContext) -> bool:
+        return self.chain.run(context, self.is_ready)
+
+    def is_ready(self) -> bool:
+        """Ready for traffic: loaded, not stopping, and (strict) every model ready."""
+        if not self._state.loaded or self._state.stopping:
+            return False
+        return self._manager.all_ready() if self._strict else True
+
+    def model_ready(self, context: RequestContext, name: str, version: str) -> bool:
+        """Whether the model (version) takes requests: False for a known model that is
+        loading, unloaded or unavailable; UnknownModel for a name never seen (Triton)."""
+
+        def ready() -> bool:
+            state = self._manager.state(name)
+            number = _version_number(version)
+            if number is None:
+                wanted = state.ready_versions()
+            else:
+                found = state.versions.get(number)
+                wanted = [number] if found is not None and found.state == READY else []
+            return bool(wanted) and not self._state.stopping
+
+        context.model = name
+        return self.chain.run(context, ready)
+
+    # ---- metadata -------------------------------------------------------------------------
+
+    def server_metadata(self, context: RequestContext) -> ServerMetadata:
+        return self.chain.run(
+            context, lambda: ServerMetadata(SERVER_NAME, self._version, list(EXTENSIONS))
+        )
+
+    def model_metadata(self, context: RequestContext, name: str, version: str) -> ModelMetadata:
+        def metadata() -> ModelMetadata:
+            config = self._config(name, version)
+            versions = (
+                [version]
+                if version
+                else [str(v) for v in self._manager.state(name).ready_versions()]
+            )
+            batch = [-1] if config.batching else []
+            return ModelMetadata(
+                name=config.name,
+                versions=versions,
+                platform=config.platform or config.backend,
+                inputs=[TensorMetadata(t.name, t.datatype, batch + t.dims) for t in config.inputs],
+                outputs=[
+                    TensorMetadata(t.name, t.datatype, batch + t.dims) for t in config.outputs
+                ],
+            )
+
+        context.model = name
+        return self.chain.run(context, metadata)
+
+    def model_config(self, context: RequestContext, name: str, version: str) -> ModelConfig:
+        context.model = name
+        return self.chain.run(context, lambda: self._config(name, version))
+
+    def _config(self, name: str, version: str) -> ModelConfig:
+        config = self._manager.resolve(name, version).config
+        assert config is not None
+        return config
+
+    def statistics(
+        self, context: RequestContext, name: str, version: str
+    ) -> list[tuple[ModelKey, ModelStatistics]]:
+        """Statistics of the named model's ready versions (one if `version` is given), or of
+        every ready version of every model when `name` is empty."""
+
+        def keys() -> list[ModelKey]:
+            if not name:
+                return [
+                    ModelKey(s.name, v) for s in self._manager.models() for v in s.ready_versions()
+                ]
+            if version:
+                return [ModelKey(name, self._manager.resolve(name, version).version)]
+            return [ModelKey(name, v) for v in self._manager.state(name).ready_versions()]
+
+        context.model = name
+        return self.chain.run(context, lambda: [(k, self._scheduler.statistics(k)) for k in keys()])
+
+    # ---- repository -----------------------------------------------------------------------
+
+    def repository_index(
+        self, context: RequestContext, repository: str, ready_only: bool
+    ) -> list[IndexEntry]:
+        def index() -> list[IndexEntry]:
+            self._check_repository(repository)
+            entries = []
+            for model in self._manager.models():
+                if not model.versions:
+                    if not ready_only:
+                        entries.append(IndexEntry(model.name, "", "UNAVAILABLE", model.error))
+                    continue
+                for number, version in sorted(model.versions.items()):
+                    if ready_only and version.state != READY:
+                        continue
+                    entries.append(
+                        IndexEntry(model.name, str(number), version.state, version.reason)
+                    )
+            return entries
+
+        return self.chain.run(context, index)
+
+    def load(
+        self, context: RequestContext, repository: str, name: str, parameters: dict[str, Any]
+    ) -> None:
+        """(Re)loads a model from its folder in the repository."""
+
+        def load() -> None:
+            self._state.check_accepting()
+            self._check_repository(repository)
+            if parameters:
+                raise Unsupported(
+                    "loading with a config or files override is not supported; edit the "
+                    "model folder in the repository and load it again"
+                )
+            try:
+                self._bridge.call(self._manager.load(name))
+            finally:
+                self._on_models_changed()
+
+        context.model = name
+        self.chain.run(context, load)
+
+    def unload(self, context: RequestContext, repository: str, name: str) -> None:
+        def unload() -> None:
+            self._check_repository(repository)
+            try:
+                self._bridge.call(self._manager.unload(name))
+            finally:
+                self._on_models_changed()
+
+        context.model = name
+        self.chain.run(context, unload)
+
+    def _check_repository(self, name: str) -> None:
+        if name and name != self.repository_name:
+            raise InvalidInput(
+                f"unknown repository '{shown(name)}'; this server serves '{self.repository_name}'"
+            )
+
+    # ---- inference ------------------------------------------------------------------------
+
+    def infer(
+        self,
+        context: RequestContext,
+        request: WireRequest,
+        on_done: Callable[[Pending], None] | None = None,
+    ) -> Started:
+        """Validates and queues a request. Wait on the result's `pending`, or pass `on_done`,
+        which runs (on the scheduler's thread) once the request is answered."""
+        context.model = request.model_name
+
+        def start() -> Started:
+            self._state.check_accepting()
+            spec = self._manager.resolve(request.model_name, request.model_version)
+            config = spec.config
+            assert config is not None
+            decoded = validate(request, ModelKey(request.model_name, spec.version), config, context)
+            return Started(self._bridge.submit(decoded, on_done), config)
+
+        return self.chain.run(context, start)
+
+
+def _version_number(text: str) -> int | None:
+    """A version string's number (None for ""); InvalidInput when it is not a version."""
+    try:
+        return parse_version(text)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+
+
+__all__ = [
+    "DataPlane",
+    "IndexEntry",
+    "InferenceResponse",
+    "ModelMetadata",
+    "Pending",
+    "RequestContext",
+    "ServerMetadata",
+    "ServerState",
+    "Started",
+    "TensorMetadata",
+    "UnknownModel",
+    "WireRequest",
+]
