@@ -20,6 +20,10 @@ class ServerSettings(BaseModel):
     model_repository: Path = Field(description="Folder of models, one sub-folder each.")
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP/REST port; 0 picks a free one.")
+    allow_http: bool = Field(
+        True, description="Serve the KServe v2 HTTP/REST protocol on --http-port (Triton's flag)."
+    )
     grpc_threads: int = Field(
         256,
         ge=1,

@@ -55,11 +55,15 @@ def no_shared_memory_leaks() -> Iterator[None]:
 
 
 class ServerProcess:
-    """`serverctl serve` in a subprocess; `url` is host:port for clients."""
+    """`serverctl serve` in a subprocess; `url` is host:port for gRPC clients, `http_url` for
+    HTTP/REST ones."""
 
     def __init__(self, repository: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
+        # Every server gets its own HTTP port too: parallel servers never meet on 8000.
+        self.http_port = free_port()
+        self.http_url = f"127.0.0.1:{self.http_port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"tiffin-serve-{self.port}.log"
         self._log = open(self.log_path, "w+b")
         self.proc = subprocess.Popen(
@@ -72,6 +76,8 @@ class ServerProcess:
                 str(repository),
                 "--grpc-port",
                 str(self.port),
+                "--http-port",
+                str(self.http_port),
                 *extra,
             ],
             stdout=self._log,
