@@ -1,7 +1,17 @@
-"""Scheduling: queues, instances and their devices, behind `Scheduler.submit()`."""
+"""Scheduling: queues, instances and their devices, behind the executors `Scheduler` makes."""
 
+from .context import RequestContext
+from .executor import Executor
 from .request import InferenceRequest, InferenceResponse, ModelKey
 from .scheduler import Scheduler
 from .statistics import ModelStatistics
 
-__all__ = ["InferenceRequest", "InferenceResponse", "ModelKey", "ModelStatistics", "Scheduler"]
+__all__ = [
+    "Executor",
+    "InferenceRequest",
+    "InferenceResponse",
+    "ModelKey",
+    "ModelStatistics",
+    "RequestContext",
+    "Scheduler",
+]

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from tiffin.protos.model_config import ModelConfig
+
 
 @dataclass(frozen=True)
 class ModelKey:
@@ -32,6 +34,10 @@ class InferenceRequest:
     batch_size: int = 1  # rows in the first dimension; 1 for models that do not batch
     deadline: float | None = None  # time.monotonic() after which the client no longer waits
     arrival_ns: int = field(default_factory=time.monotonic_ns)
+    # The config it was validated against, and whether the caller named its version: a
+    # request that did not may move to a newer version taking the same inputs (a swap).
+    config: ModelConfig | None = None
+    pinned: bool = True
 
 
 @dataclass

@@ -1,14 +1,12 @@
-"""The scheduler's one interface: load model versions, submit requests, read statistics."""
+"""The scheduler's one interface: the executor that serves a model version."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
 from tiffin.backends import ForwardingBackend, get_backend
 from tiffin.protos.datatypes import DATATYPES
-from tiffin.protos.errors import ModelNotReady
 from tiffin.protos.model_config import ModelConfig
 from tiffin.protos.tensors import element_count
 
@@ -17,9 +15,8 @@ from .devices import place_instances
 from .executor import Executor, ModelExecutor
 from .forwarding import ForwardingExecutor
 from .instance import InlineInstance, Instance, WorkerInstance
-from .pipeline import PipelineExecutor
-from .request import InferenceRequest, InferenceResponse, ModelKey
-from .statistics import ModelStatistics
+from .pipeline import Enqueue, PipelineExecutor, Resolve
+from .request import ModelKey
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +39,22 @@ def arena_bytes(config: ModelConfig) -> int:
 
 
 class Scheduler:
-    """Routes requests to the executor of their model version. Knows nothing of gRPC.
+    """Makes the executor a model version's config asks for. Knows nothing of gRPC, and
+    keeps no record of what serves: that is the server's model registry.
 
-    All methods run on the scheduler's event loop.
+    `resolve` and `enqueue` are the registry's, for pipelines, whose steps are requests
+    to other models.
     """
 
-    def __init__(self) -> None:
-        self._executors: dict[ModelKey, Executor] = {}
+    def __init__(self, resolve: Resolve, enqueue: Enqueue) -> None:
+        self._resolve = resolve
+        self._enqueue = enqueue
 
-    async def load(self, key: ModelKey, config: ModelConfig, version_dir: Path) -> None:
-        """Creates and loads the instances of a model version; raises if any fails.
-
-        Loading a version that is already loaded replaces it: the new instances
-        take over once loaded, and the old ones finish their queue, then unload.
-        """
-        executor = self._create_executor(key, config, version_dir)
-        await executor.start()
-        old, self._executors[key] = self._executors.get(key), executor
-        if old is not None:
-            await old.stop()
-
-    def _create_executor(self, key: ModelKey, config: ModelConfig, version_dir: Path) -> Executor:
-        """The executor kind a config asks for: a pipeline, forwarding, or batching instances."""
+    def create_executor(self, key: ModelKey, config: ModelConfig, version_dir: Path) -> Executor:
+        """The executor kind a config asks for (not started): a pipeline, forwarding, or
+        batching instances. Raises ValueError when its instances cannot be placed."""
         if config.pipeline is not None:
-            return PipelineExecutor(key, config, self.resolve, self.enqueue)
+            return PipelineExecutor(key, config, self._resolve, self._enqueue)
         backend = get_backend(config.backend)
         if issubclass(backend, ForwardingBackend):
             return ForwardingExecutor(key, config, version_dir, backend)
@@ -87,44 +76,3 @@ class Scheduler:
         )
         log.info("%s: %d instance(s) on %s", key, len(instances), ", ".join(kinds))
         return executor
-
-    async def unload(self, key: ModelKey) -> None:
-        """Finishes the version's queued requests, then unloads its instances."""
-        executor = self._executors.get(key)
-        if executor is not None:
-            await executor.stop()
-            del self._executors[key]
-
-    async def submit(self, request: InferenceRequest) -> InferenceResponse:
-        """Queues a request and waits for its response (or its error)."""
-        return await self.enqueue(request)
-
-    def enqueue(self, request: InferenceRequest) -> asyncio.Future[InferenceResponse]:
-        """Queues a request (on the loop, without awaiting): the future of its response.
-
-        Raises at once what is known at once: model not loaded, queue full.
-        """
-        executor = self._executors.get(request.model)
-        if executor is None:
-            raise ModelNotReady(
-                f"model '{request.model.name}' version {request.model.version} is not loaded"
-            )
-        return executor.enqueue(request)
-
-    def resolve(self, name: str, version: int = -1) -> tuple[ModelKey, ModelConfig]:
-        """The loaded version of a model (-1: the newest) and its config."""
-        if version == -1:
-            loaded = [k for k in self._executors if k.name == name]
-            if not loaded:
-                raise ModelNotReady(f"model '{name}' has no loaded version")
-            key = max(loaded, key=lambda k: k.version)
-        else:
-            key = ModelKey(name, version)
-            if key not in self._executors:
-                raise ModelNotReady(f"model '{name}' version {version} is not loaded")
-        return key, self._executors[key].config
-
-    def statistics(self, key: ModelKey) -> ModelStatistics:
-        """A snapshot of the version's statistics (zeros if it was never loaded)."""
-        executor = self._executors.get(key)
-        return executor.statistics.snapshot() if executor else ModelStatistics()

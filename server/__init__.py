@@ -1,4 +1,4 @@
-"""The gRPC frontend, model manager and serverctl."""
+"""The server: model registry, data plane, front doors (gRPC, REST) and serverctl."""
 
 from .server import Server
 from .settings import ServerSettings

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tiffin.protos.errors import Cancelled, TiffinError
-from tiffin.scheduler import InferenceRequest, InferenceResponse, Scheduler
+from tiffin.scheduler import InferenceRequest, InferenceResponse
 
 
 class Pending:
@@ -99,9 +99,13 @@ class Pending:
 class LoopBridge:
     """The gRPC threads' way into the scheduler."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, scheduler: Scheduler) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        enqueue: Callable[[InferenceRequest], asyncio.Future[InferenceResponse]],
+    ) -> None:
         self._loop = loop
-        self._scheduler = scheduler
+        self._enqueue = enqueue  # the registry's: routes to the version serving now
         self._inbox: collections.deque[Pending] = collections.deque()
         self._lock = threading.Lock()
         self._drain_scheduled = False
@@ -130,7 +134,7 @@ class LoopBridge:
                 pending._finish(None, Cancelled("the request was cancelled"))
                 continue
             try:
-                future = self._scheduler.enqueue(pending.request)
+                future = self._enqueue(pending.request)
             except TiffinError as exc:
                 pending._finish(None, exc)
                 continue

@@ -18,13 +18,13 @@ from typing import Any
 from tiffin.protos.errors import InvalidInput, ServerNotReady, UnknownModel, Unsupported
 from tiffin.protos.model_config import ModelConfig
 from tiffin.protos.names import parse_version, shown
-from tiffin.scheduler import InferenceResponse, ModelKey, Scheduler
+from tiffin.scheduler import InferenceResponse, ModelKey
 from tiffin.scheduler.context import RequestContext
 from tiffin.scheduler.statistics import ModelStatistics
 
 from .bridge import LoopBridge, Pending
 from .interceptors import Chain
-from .manager import READY, ModelManager
+from .registry import READY, ModelRegistry
 from .validation import WireRequest, validate
 
 SERVER_NAME = "tiffin"
@@ -92,26 +92,22 @@ class DataPlane:
 
     def __init__(
         self,
-        manager: ModelManager,
-        scheduler: Scheduler,
+        registry: ModelRegistry,
         loop: asyncio.AbstractEventLoop,
         state: ServerState,
         version: str,
         strict_readiness: bool,
-        on_models_changed: Callable[[], None],
     ) -> None:
         self.chain = Chain()
-        self._manager = manager
-        self._scheduler = scheduler
-        self._bridge = LoopBridge(loop, scheduler)
+        self._registry = registry
+        self._bridge = LoopBridge(loop, registry.enqueue)
         self._state = state
         self._version = version
         self._strict = strict_readiness
-        self._on_models_changed = on_models_changed
 
     @property
     def repository_name(self) -> str:
-        return self._manager.repository.name
+        return self._registry.repository.name
 
     # ---- health ---------------------------------------------------------------------------
 
@@ -129,14 +125,14 @@ class DataPlane:
         """Ready for traffic: loaded, not stopping, and (strict) every model ready."""
         if not self._state.loaded or self._state.stopping:
             return False
-        return self._manager.all_ready() if self._strict else True
+        return self._registry.all_ready() if self._strict else True
 
     def model_ready(self, context: RequestContext, name: str, version: str) -> bool:
         """Whether the model (version) takes requests: False for a known model that is
         loading, unloaded or unavailable; UnknownModel for a name never seen (Triton)."""
 
         def ready() -> bool:
-            state = self._manager.state(name)
+            state = self._registry.state(name)
             number = _version_number(version)
             if number is None:
                 wanted = state.ready_versions()
@@ -161,7 +157,7 @@ class DataPlane:
             versions = (
                 [version]
                 if version
-                else [str(v) for v in self._manager.state(name).ready_versions()]
+                else [str(v) for v in self._registry.state(name).ready_versions()]
             )
             batch = [-1] if config.batching else []
             return ModelMetadata(
@@ -182,7 +178,7 @@ class DataPlane:
         return self.chain.run(context, lambda: self._config(name, version))
 
     def _config(self, name: str, version: str) -> ModelConfig:
-        config = self._manager.resolve(name, version).config
+        config = self._registry.resolve(name, version).spec.config
         assert config is not None
         return config
 
@@ -195,14 +191,14 @@ class DataPlane:
         def keys() -> list[ModelKey]:
             if not name:
                 return [
-                    ModelKey(s.name, v) for s in self._manager.models() for v in s.ready_versions()
+                    ModelKey(s.name, v) for s in self._registry.models() for v in s.ready_versions()
                 ]
             if version:
-                return [ModelKey(name, self._manager.resolve(name, version).version)]
-            return [ModelKey(name, v) for v in self._manager.state(name).ready_versions()]
+                return [ModelKey(name, self._registry.resolve(name, version).spec.version)]
+            return [ModelKey(name, v) for v in self._registry.state(name).ready_versions()]
 
         context.model = name
-        return self.chain.run(context, lambda: [(k, self._scheduler.statistics(k)) for k in keys()])
+        return self.chain.run(context, lambda: [(k, self._registry.statistics(k)) for k in keys()])
 
     # ---- repository -----------------------------------------------------------------------
 
@@ -212,7 +208,7 @@ class DataPlane:
         def index() -> list[IndexEntry]:
             self._check_repository(repository)
             entries = []
-            for model in self._manager.models():
+            for model in self._registry.models():
                 if not model.versions:
                     if not ready_only:
                         entries.append(IndexEntry(model.name, "", "UNAVAILABLE", model.error))
@@ -240,10 +236,7 @@ class DataPlane:
                     "loading with a config or files override is not supported; edit the "
                     "model folder in the repository and load it again"
                 )
-            try:
-                self._bridge.call(self._manager.load(name))
-            finally:
-                self._on_models_changed()
+            self._bridge.call(self._registry.load(name))
 
         context.model = name
         self.chain.run(context, load)
@@ -251,10 +244,7 @@ class DataPlane:
     def unload(self, context: RequestContext, repository: str, name: str) -> None:
         def unload() -> None:
             self._check_repository(repository)
-            try:
-                self._bridge.call(self._manager.unload(name))
-            finally:
-                self._on_models_changed()
+            self._bridge.call(self._registry.unload(name))
 
         context.model = name
         self.chain.run(context, unload)
@@ -279,7 +269,7 @@ class DataPlane:
 
         def start() -> Started:
             self._state.check_accepting()
-            spec = self._manager.resolve(request.model_name, request.model_version)
+            spec = self._registry.resolve(request.model_name, request.model_version).spec
             config = spec.config
             assert config is not None
             decoded = validate(request, ModelKey(request.model_name, spec.version), config, context)

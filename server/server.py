@@ -1,4 +1,4 @@
-"""The Tiffin server: gRPC frontend, model manager and scheduler, wired together."""
+"""The Tiffin server: the model registry, the data plane and its front doors, wired together."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import threading
 from importlib import metadata
 
 from tiffin.backends import parse_allowed_backends
-from tiffin.scheduler import Scheduler
 from tiffin.scheduler.arena import remove_stale_arenas
 
 from .dataplane import DataPlane, ServerState
 from .grpc import GrpcFrontDoor
 from .limits import message_limit
-from .manager import ModelManager
+from .registry import ModelRegistry
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -43,27 +42,25 @@ class Server:
         self._loop_thread = threading.Thread(
             target=self._loop.run_forever, name="scheduler-loop", daemon=True
         )
-        self._scheduler = Scheduler()
-        self._manager = ModelManager(
+        self._registry = ModelRegistry(
             settings.model_repository,
-            self._scheduler,
             allowed_backends=parse_allowed_backends(settings.allowed_backends),
         )
         self.plane = DataPlane(
-            self._manager,
-            self._scheduler,
+            self._registry,
             self._loop,
             self._state,
             _version(),
             settings.strict_readiness,
-            self._models_changed,
         )
+        # Request size limits and health follow every change of what serves.
+        self._registry.subscribe(lambda event, key: self._models_changed())
         self._stopped = threading.Event()
         self._grpc: GrpcFrontDoor | None = None
 
     @property
-    def manager(self) -> ModelManager:
-        return self._manager
+    def registry(self) -> ModelRegistry:
+        return self._registry
 
     def start(self) -> None:
         s = self.settings
@@ -71,23 +68,23 @@ class Server:
             raise FileNotFoundError(f"model repository {s.model_repository} is not a folder")
         remove_stale_arenas()
         self._loop_thread.start()
-        specs = self._manager.read_all()
+        specs = self._registry.read_all()
         # gRPC refuses a larger message from its length prefix, before receiving it: a
         # repository of fixed-size models is not made to buffer a 2 GiB body.
         receive_limit = s.max_message_bytes or message_limit(
             v.config for spec in specs for v in spec.versions if v.config is not None
         )
         log.info("request messages may be up to %d bytes", receive_limit)
-        self._grpc = GrpcFrontDoor(self.plane, self._manager, s, receive_limit)
+        self._grpc = GrpcFrontDoor(self.plane, self._registry, s, receive_limit)
         self.port = self._grpc.start(s.host, s.grpc_port)
-        asyncio.run_coroutine_threadsafe(self._manager.load_all(specs), self._loop).result()
+        asyncio.run_coroutine_threadsafe(self._registry.load_all(specs), self._loop).result()
         self._state.loaded = True
         self._models_changed()
-        ready = sum(1 for m in self._manager.models() if m.ready_versions())
+        ready = sum(1 for m in self._registry.models() if m.ready_versions())
         log.info(
             "serving %d of %d model(s) from %s",
             ready,
-            len(self._manager.models()),
+            len(self._registry.models()),
             s.model_repository,
         )
 
@@ -104,7 +101,7 @@ class Server:
         self._state.stopping = True
         self._grpc.begin_shutdown()
         self._grpc.stop(grace)
-        asyncio.run_coroutine_threadsafe(self._manager.unload_all(), self._loop).result()
+        asyncio.run_coroutine_threadsafe(self._registry.unload_all(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=5)
         self._stopped.set()

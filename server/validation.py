@@ -202,6 +202,8 @@ def validate(
         batch_size=batch_size if config.batching and batch_size is not None else 1,
         deadline=context.deadline,
         arrival_ns=context.timeline.received,
+        config=config,
+        pinned=bool(request.model_version),
     )
 
 

@@ -238,7 +238,7 @@ def test_bad_pipelines_are_unavailable_with_reasons(
     )
     assert index["missing_step"]["state"] == "UNAVAILABLE"
     assert (
-        "step 1 calls model 'no_such_model', which has no ready version"
+        "step 1 calls model 'no_such_model', which does not exist"
         in (index["missing_step"]["reason"])
     )
 
@@ -290,19 +290,32 @@ def test_pipeline_shape_errors(tmp_path: Path, pipeline: str, problem: str) -> N
     assert problem in result.stdout, result.stdout
 
 
-def test_unloaded_step_model_makes_calls_unavailable(
+def index_entry(client: grpcclient.InferenceServerClient, name: str) -> dict:
+    models = client.get_model_repository_index(as_json=True)["models"]
+    return next(m for m in models if m["name"] == name)
+
+
+def test_unloaded_step_model_makes_the_pipeline_unavailable_until_it_is_back(
     client: grpcclient.InferenceServerClient,
 ) -> None:
+    """A pipeline is never READY-and-failing: it goes UNAVAILABLE with the reason when a
+    step's model goes, and READY again when it is back."""
     client.unload_model("fail")
     try:
         request = grpcclient.InferInput("x", [1, 2], "FP32")
         request.set_data_from_numpy(np.ones((1, 2), dtype=np.float32))
+        assert not client.is_model_ready("checked")
+        entry = index_entry(client, "checked")
+        assert entry["state"] == "UNAVAILABLE"
+        assert "step 2 calls model 'fail', which has no ready version" in entry["reason"]
         with pytest.raises(InferenceServerException) as raised:
             client.infer("checked", [request])
-        assert raised.value.status() == "StatusCode.UNAVAILABLE"
-        assert "pipeline 'checked' step 2 (model 'fail')" in raised.value.message()
+        assert raised.value.status() == "StatusCode.NOT_FOUND"
+        assert "step 2 calls model 'fail'" in raised.value.message()
     finally:
         client.load_model("fail")
+    assert client.is_model_ready("checked")
+    assert index_entry(client, "checked")["state"] == "READY"
     assert client.infer("checked", [request]).as_numpy("y").tolist() == [[1.0, 1.0]]
 
 

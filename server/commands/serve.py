@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         server.stop(0)
         return 1
-    for model in server.manager.models():
+    for model in server.registry.models():
         if model.error:
             log.info("model %-24s UNAVAILABLE  %s", model.name, model.error.splitlines()[0])
         for number, version in sorted(model.versions.items()):

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from tiffin.protos import MAX_MESSAGE_BYTES, SERVICE_NAME, protocol
 
 from ..dataplane import DataPlane
-from ..manager import ModelManager
+from ..registry import ModelRegistry
 from ..settings import ServerSettings
 from .health import Health
 from .service import InferenceService
@@ -39,12 +39,12 @@ class GrpcFrontDoor:
     def __init__(
         self,
         plane: DataPlane,
-        manager: ModelManager,
+        registry: ModelRegistry,
         settings: ServerSettings,
         receive_limit: int,
     ) -> None:
         self._plane = plane
-        self._manager = manager
+        self._registry = registry
         s = settings
         options = [
             ("grpc.max_send_message_length", s.max_message_bytes or MAX_MESSAGE_BYTES),
@@ -56,7 +56,7 @@ class GrpcFrontDoor:
             options=options,
             maximum_concurrent_rpcs=s.grpc_threads,
         )
-        self._service = InferenceService(plane, manager, settings, receive_limit)
+        self._service = InferenceService(plane, registry, settings, receive_limit)
         self._server.add_generic_rpc_handlers((self._service.generic_handler(),))
         self._health = Health(self._server)
         reflection.enable_server_reflection(
@@ -83,7 +83,7 @@ class GrpcFrontDoor:
     def models_changed(self) -> None:
         """Request size limits and health statuses follow the models that serve."""
         self._service.refresh_limits()
-        self._health.update_models(self._manager)
+        self._health.update_models(self._registry)
         self._health.set_ready(self._plane.is_ready())
 
     def begin_shutdown(self) -> None:

@@ -7,7 +7,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tiffin.protos import SERVICE_NAME
 
-from ..manager import ModelManager
+from ..registry import ModelRegistry
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -28,8 +28,8 @@ class Health:
         self._servicer.set("", status)
         self._servicer.set(SERVICE_NAME, status)
 
-    def update_models(self, manager: ModelManager) -> None:
-        for model in manager.models():
+    def update_models(self, registry: ModelRegistry) -> None:
+        for model in registry.models():
             self._models.add(model.name)
             self._servicer.set(model.name, SERVING if model.ready_versions() else NOT_SERVING)
 

@@ -25,7 +25,7 @@ from tiffin.scheduler.statistics import DURATIONS, ModelStatistics
 from ..bridge import Pending
 from ..dataplane import DataPlane
 from ..limits import max_request_bytes
-from ..manager import ModelManager
+from ..registry import ModelRegistry
 from ..settings import ServerSettings
 from .capacity import StreamGate
 from .codec import encode_response, parameters, wire_request
@@ -92,13 +92,13 @@ class InferenceService:
     def __init__(
         self,
         plane: DataPlane,
-        manager: ModelManager,
+        registry: ModelRegistry,
         settings: ServerSettings,
         receive_limit: int,
     ) -> None:
         self._pb = protocol()
         self._plane = plane
-        self._manager = manager
+        self._registry = registry
         self._infer_decoder = RequestDecoder(self._pb.ModelInferRequest)
         self._receive_limit = receive_limit
         self._warned: set[str] = set()  # models told to need more than receive_limit
@@ -109,7 +109,7 @@ class InferenceService:
     def refresh_limits(self) -> None:
         """Bounds each model's requests by what its ready versions can accept."""
         limits: dict[str, int | None] = {}
-        for model in self._manager.models():
+        for model in self._registry.models():
             configs = [model.versions[v].spec.config for v in model.ready_versions()]
             sizes = [max_request_bytes(c) for c in configs if c is not None]
             if sizes:

@@ -1,0 +1,458 @@
+"""The model registry: the one owner of which model versions exist, their states, configs
+and executors, and of which executor serves a request.
+
+A (re)load builds the new executors beside the old ones; once they are ready, one
+assignment publishes the model's new state, so traffic moves atomically; the executors
+it replaced then finish their queues and unload. A version that fails to load leaves
+the one it would have replaced serving, with the reason in its state. Pipelines are
+re-checked whenever a model they call changes: one that can no longer run is UNAVAILABLE
+with the reason, and READY again once its steps are back.
+
+Changes run on the scheduler's event loop, one model at a time; lookups (`resolve`,
+`models`, `state`) may come from any thread and read immutable snapshots. Subscribers
+(`subscribe`) hear of every change: what later features (metrics, health) hang on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tiffin.protos.errors import (
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    TiffinError,
+    UnknownModel,
+)
+from tiffin.protos.model_config import ModelConfig
+from tiffin.protos.names import name_problem, parse_version, shown
+from tiffin.scheduler import Executor, InferenceRequest, InferenceResponse, ModelKey, Scheduler
+from tiffin.scheduler.statistics import ModelStatistics
+
+from .pipelines import complete_pipeline
+from .repository import ModelSpec, VersionSpec, read_model, read_repository
+
+log = logging.getLogger(__name__)
+
+READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
+# What subscribers hear, with the model version it concerns.
+LOADED, SWAPPED, UNLOADED, FAILED = "loaded", "swapped", "unloaded", "failed"
+
+
+@dataclass(frozen=True)
+class VersionState:
+    """A version's lifecycle state, with the reason when it is not READY (or when a reload
+    of it failed and it keeps serving), and the executor serving it while READY."""
+
+    spec: VersionSpec
+    state: str
+    reason: str = ""
+    executor: Executor | None = None
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """A model as the registry knows it; replaced whole on every change."""
+
+    name: str
+    error: str  # why the model as a whole is unavailable, if it is
+    versions: dict[int, VersionState]
+
+    def ready_versions(self) -> list[int]:
+        return sorted(v for v, s in self.versions.items() if s.state == READY)
+
+
+def _step_models(spec: ModelSpec) -> set[str]:
+    """The models a pipeline's steps call (empty for other models)."""
+    return {
+        step.model
+        for v in spec.versions
+        if v.config and v.config.pipeline
+        for step in v.config.pipeline.steps
+    }
+
+
+Subscriber = Callable[[str, ModelKey], None]
+
+
+class ModelRegistry:
+    """Owns the repository's models, their versions and the executors serving them.
+
+    `allowed_backends` lists the backends by import path that configs may name (`module:Class`
+    or `module`); None reads TIFFIN_ALLOWED_BACKENDS each time the repository is read.
+    """
+
+    def __init__(self, repository: Path, allowed_backends: Sequence[str] | None = None) -> None:
+        self.repository = repository
+        self._allowed_backends = allowed_backends
+        self._models: dict[str, ModelState] = {}
+        self._specs: dict[str, ModelSpec] = {}  # as last read, pipelines re-checked from it
+        self._scheduler = Scheduler(self.resolve_loaded, self.enqueue)
+        self._subscribers: list[Subscriber] = []
+        self._changing: dict[str, asyncio.Lock] = {}
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        """`subscriber(event, key)` is called (on the loop) after every change."""
+        self._subscribers.append(subscriber)
+
+    # ---- reading (any thread) -------------------------------------------------------------
+
+    def read_all(self) -> list[ModelSpec]:
+        """Reads every model folder of the repository (nothing is loaded)."""
+        return read_repository(self.repository, self._allowed_backends)
+
+    def models(self) -> list[ModelState]:
+        return [self._models[n] for n in sorted(self._models)]
+
+    def all_ready(self) -> bool:
+        return all(
+            not s.error and s.versions and all(v.state == READY for v in s.versions.values())
+            for s in self._models.values()
+        )
+
+    def state(self, name: str) -> ModelState:
+        state = self._models.get(name)
+        if state is None:
+            raise UnknownModel(f"Request for unknown model: '{shown(name)}' is not found")
+        return state
+
+    def resolve(self, name: str, version: str) -> VersionState:
+        """The READY version that should serve a call, with Triton's errors when there is
+        none ("" asks for the newest)."""
+        state = self.state(name)
+        if version == "":
+            ready = state.ready_versions()
+            if not ready:
+                known = {s.reason for s in state.versions.values() if s.reason}
+                reasons = "; ".join(sorted(known | ({state.error} if state.error else set())))
+                raise ModelNotFound(
+                    f"Request for unknown model: '{name}' has no available versions"
+                    + (f" ({shown(reasons, 500)})" if reasons else "")
+                )
+            return state.versions[ready[-1]]
+        try:
+            number = parse_version(version)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        assert number is not None  # "" was handled above
+        found = state.versions.get(number)
+        if found is None:
+            raise ModelNotFound(
+                f"Request for unknown model: '{name}' version {number} is not found"
+            )
+        if found.state != READY:
+            raise ModelNotReady(
+                f"Request for unknown model: '{name}' version {number} is not at ready state"
+                + (f" ({found.reason})" if found.reason else "")
+            )
+        return found
+
+    def statistics(self, key: ModelKey) -> ModelStatistics:
+        """A snapshot of the serving executor's statistics (zeros if none serves)."""
+        state = self._models.get(key.name)
+        found = state.versions.get(key.version) if state else None
+        executor = found.executor if found else None
+        return executor.statistics.snapshot() if executor else ModelStatistics()
+
+    # ---- routing (on the loop) ------------------------------------------------------------
+
+    def enqueue(self, request: InferenceRequest) -> asyncio.Future[InferenceResponse]:
+        """Queues a request with the executor serving its version now.
+
+        A request validated just before a swap may arrive after it: a reloaded version is
+        served by its new executor; a request that named no version, for a version the
+        swap retired, goes to the newest version when that takes the same inputs.
+        """
+        state = self._models.get(request.model.name)
+        found = state.versions.get(request.model.version) if state else None
+        if found is None or found.executor is None:
+            found = self._successor(state, request)
+            if found is None or found.executor is None:
+                raise ModelNotReady(
+                    f"model '{request.model.name}' version {request.model.version} was "
+                    "unloaded while the request was on its way; retry it"
+                )
+            request.model = ModelKey(request.model.name, found.spec.version)
+        return found.executor.enqueue(request)
+
+    @staticmethod
+    def _successor(state: ModelState | None, request: InferenceRequest) -> VersionState | None:
+        if state is None or request.pinned or not state.ready_versions():
+            return None
+        newest = state.versions[state.ready_versions()[-1]]
+        old = request.config
+        config = newest.executor.config if newest.executor else None
+        if old is None or config is None or config.inputs != old.inputs:
+            return None
+        if config.max_batch_size != old.max_batch_size:
+            return None
+        return newest
+
+    def resolve_loaded(self, name: str, version: int = -1) -> tuple[ModelKey, ModelConfig]:
+        """For pipeline steps: the READY version (-1: the newest) and its config."""
+        state = self._models.get(name)
+        if state is None:
+            raise ModelNotReady(f"model '{name}' is not loaded")
+        ready = state.ready_versions()
+        if version == -1:
+            if not ready:
+                raise ModelNotReady(f"model '{name}' has no loaded version")
+            version = ready[-1]
+        elif version not in ready:
+            raise ModelNotReady(f"model '{name}' version {version} is not loaded")
+        executor = state.versions[version].executor
+        assert executor is not None
+        return ModelKey(name, version), executor.config
+
+    # ---- changing (on the loop) -----------------------------------------------------------
+
+    async def load_all(self, specs: list[ModelSpec] | None = None) -> None:
+        """Loads every model of the repository (as `read_all` read it, or reads it now),
+        several at once; pipelines after the models their steps call."""
+        if specs is None:
+            specs = await asyncio.to_thread(self.read_all)
+        pending = {s.name: s for s in specs if _step_models(s)}
+        await asyncio.gather(*(self._load(s) for s in specs if s.name not in pending))
+        while pending:
+            ready = [s for s in pending.values() if not (_step_models(s) & pending.keys())]
+            # A cycle of pipelines: load them anyway, each then reports its missing steps.
+            batch = ready or list(pending.values())
+            for spec in batch:
+                del pending[spec.name]
+            await asyncio.gather(*(self._load(s) for s in batch))
+
+    async def load(self, name: str) -> None:
+        """(Re)reads one model folder and loads it; the old versions serve until the new
+        are up, and keep serving if the new fail.
+
+        `name` comes from a client: it is checked as a model name (one path component)
+        before it touches the disk, so only a folder of the repository is ever read.
+        InvalidInput when the name is not a model name, has no folder, or fails to load.
+        """
+        problem = name_problem(name)
+        if problem:
+            raise InvalidInput(f"failed to load: {problem}")
+        path = self.repository / name
+        if not path.is_dir():
+            raise InvalidInput(f"failed to load '{name}': no model folder {path}")
+        spec = await asyncio.to_thread(read_model, path, self._allowed_backends)
+        failures = await self._load(spec)
+        if failures:
+            raise InvalidInput(f"failed to load '{name}': " + "; ".join(failures))
+
+    async def unload(self, name: str) -> None:
+        """Unloads every version of a model; it stays known, as UNAVAILABLE. InvalidInput
+        when `name` is not a model name or not a model this server knows."""
+        problem = name_problem(name)
+        if problem:
+            raise InvalidInput(f"failed to unload: {problem}")
+        if name not in self._models:
+            raise UnknownModel(f"Request for unknown model: '{shown(name)}' is not found")
+        async with self._lock(name):
+            await self._retire_all(name, "unloaded")
+        await self._recheck_pipelines(name)
+
+    async def unload_all(self) -> None:
+        await asyncio.gather(
+            *(self._retire_all(name, "server shutting down") for name in list(self._models))
+        )
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._changing.setdefault(name, asyncio.Lock())
+
+    async def _load(self, spec: ModelSpec, keep_serving: bool = True) -> list[str]:
+        """Loads a model as read; the reasons any of its versions failed. With
+        `keep_serving`, a version that fails to load leaves the one it would replace
+        serving (not for a pipeline whose steps changed: the old one cannot run)."""
+        async with self._lock(spec.name):
+            failures = await self._load_locked(spec, keep_serving)
+        await self._recheck_pipelines(spec.name)
+        return failures
+
+    async def _load_locked(self, spec: ModelSpec, keep_serving: bool) -> list[str]:
+        name = spec.name
+        self._specs[name] = spec
+        old = self._models.get(name) or ModelState(name, "", {})
+        serving = {v: s for v, s in old.versions.items() if s.state == READY}
+        kept = serving if keep_serving else {}
+        if spec.error:
+            log.error("model '%s' is UNAVAILABLE: %s", name, spec.error)
+            if kept:
+                self._publish(self._still_serving(old, spec.error))
+                return [spec.error]
+            self._publish(ModelState(name, spec.error, {}))
+            self._notify(FAILED, ModelKey(name, 0))
+            return [spec.error]
+
+        # New versions show LOADING meanwhile; versions already serving keep serving.
+        loading = dict(old.versions)
+        for v in spec.versions:
+            if v.config and v.version not in serving:
+                loading[v.version] = VersionState(v, LOADING)
+        self._publish(ModelState(name, "", loading))
+        built = await asyncio.gather(*(self._build(name, v) for v in spec.versions if v.config))
+        new_states = {state.spec.version: state for state in built}
+
+        versions: dict[int, VersionState] = {}
+        failures: list[str] = []
+        for v in spec.versions:
+            state = new_states.get(v.version) or VersionState(v, UNAVAILABLE, v.error)
+            if state.state != READY:
+                failures.append(f"version {v.version}: {state.reason}")
+                log.error("model '%s' version %d is UNAVAILABLE: %s", name, v.version, state.reason)
+                previous = kept.get(v.version)
+                if previous is not None:  # a failed reload leaves the old executor serving
+                    state = replace(
+                        previous, reason=f"reload failed, still serving: {state.reason}"
+                    )
+            versions[v.version] = state
+        if not any(s.state == READY for s in versions.values()) and kept:
+            # Nothing new serves: the versions serving before keep serving.
+            for number, previous in kept.items():
+                versions.setdefault(
+                    number, replace(previous, reason="a reload selected no version that loads")
+                )
+        retired = [
+            s.executor
+            for number, s in serving.items()
+            if s.executor is not None and versions.get(number, s).executor is not s.executor
+        ]
+        self._publish(ModelState(name, "", versions))
+        for number, state in versions.items():
+            if state.state == READY and number not in serving:
+                self._notify(LOADED, ModelKey(name, number))
+            elif state.state == READY and state.executor is not serving[number].executor:
+                self._notify(SWAPPED, ModelKey(name, number))
+        for number in serving:
+            if number not in versions or versions[number].state != READY:
+                self._notify(UNLOADED, ModelKey(name, number))
+        await self._stop(retired)
+        return failures
+
+    def _still_serving(self, old: ModelState, reason: str) -> ModelState:
+        return ModelState(
+            old.name,
+            "",
+            {
+                v: replace(s, reason=f"reload failed, still serving: {reason}")
+                if s.state == READY
+                else s
+                for v, s in old.versions.items()
+            },
+        )
+
+    async def _build(self, name: str, spec: VersionSpec) -> VersionState:
+        """Creates and starts a version's executor; its state, READY or UNAVAILABLE."""
+        config = spec.config
+        assert config is not None
+        key = ModelKey(name, spec.version)
+        try:
+            if config.pipeline is not None:
+                config = complete_pipeline(config, self._step_configs(spec))
+                spec = replace(spec, config=config)
+            executor = self._scheduler.create_executor(key, config, spec.path)
+            await executor.start()
+        except Exception as exc:  # any failure to load makes only this version unavailable
+            message = exc.message if isinstance(exc, TiffinError) else str(exc)
+            return VersionState(spec, UNAVAILABLE, f"failed to load: {message}")
+        kind = f"backend {config.backend}" if config.backend else "pipeline"
+        log.info("model '%s' version %d is READY (%s)", name, spec.version, kind)
+        return VersionState(spec, READY, "", executor)
+
+    def _step_configs(self, spec: VersionSpec) -> dict[int, ModelConfig]:
+        """The config of the model version each pipeline step calls; ValueError if not ready."""
+        assert spec.config is not None and spec.config.pipeline is not None
+        configs = {}
+        for i, step in enumerate(spec.config.pipeline.steps):
+            state = self._models.get(step.model)
+            if state is None:
+                raise ValueError(f"step {i + 1} calls model '{step.model}', which does not exist")
+            ready = state.ready_versions()
+            version = ready[-1] if step.version == -1 and ready else step.version
+            if version not in ready:
+                which = "no ready version" if step.version == -1 else f"no ready version {version}"
+                raise ValueError(
+                    f"step {i + 1} calls model '{step.model}', which has {which}"
+                    + (f" ({state.error})" if state.error else "")
+                )
+            executor = state.versions[version].executor
+            assert executor is not None
+            configs[i] = executor.config
+        return configs
+
+    async def _recheck_pipelines(self, changed: str) -> None:
+        """Reloads each pipeline that calls `changed` when whether it can run, or the config
+        it completes to, is no longer what its state says."""
+        for name, spec in list(self._specs.items()):
+            if changed not in _step_models(spec):
+                continue
+            if self._pipeline_current(name, spec):
+                continue
+            log.info("model '%s' changed: re-checking pipeline '%s'", changed, name)
+            await self._load(spec, keep_serving=False)
+
+    def _pipeline_current(self, name: str, spec: ModelSpec) -> bool:
+        state = self._models.get(name)
+        if state is None:
+            return False
+        for v in spec.versions:
+            if v.config is None:
+                continue
+            try:
+                completed = complete_pipeline(v.config, self._step_configs(v))
+            except ValueError:
+                completed = None
+            found = state.versions.get(v.version)
+            serving = found.executor.config if found and found.executor else None
+            if completed != serving:
+                return False
+        return True
+
+    async def _retire_all(self, name: str, reason: str) -> None:
+        state = self._models.get(name)
+        if state is None:
+            return
+        if reason == "unloaded":  # an unloaded pipeline is not loaded again by a re-check
+            self._specs.pop(name, None)
+        serving = [s.executor for s in state.versions.values() if s.executor is not None]
+        unloading = {
+            v: VersionState(s.spec, UNLOADING, reason) if s.state == READY else s
+            for v, s in state.versions.items()
+        }
+        self._publish(ModelState(name, state.error, unloading))
+        await self._stop(serving)
+        self._publish(
+            ModelState(
+                name,
+                state.error,
+                {
+                    v: VersionState(
+                        s.spec, UNAVAILABLE, reason if s.state == UNLOADING else s.reason
+                    )
+                    for v, s in unloading.items()
+                },
+            )
+        )
+        for number, s in state.versions.items():
+            if s.state == READY:
+                self._notify(UNLOADED, ModelKey(name, number))
+        log.info("model '%s' is UNAVAILABLE: %s", name, reason)
+
+    def _publish(self, state: ModelState) -> None:
+        """Makes `state` the model's state: one assignment, so traffic moves at once."""
+        self._models[state.name] = state
+
+    async def _stop(self, executors: list[Executor]) -> None:
+        """Retired executors finish what they queued, then unload."""
+        await asyncio.gather(*(e.stop() for e in executors), return_exceptions=True)
+
+    def _notify(self, event: str, key: ModelKey) -> None:
+        for subscriber in self._subscribers:
+            try:
+                subscriber(event, key)
+            except Exception:  # a subscriber's bug must not undo a model change
+                log.exception("a registry subscriber failed on %s %s", event, key)
