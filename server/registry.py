@@ -319,7 +319,8 @@ class ModelRegistry:
         retired = [
             s.executor
             for number, s in serving.items()
-            if s.executor is not None and versions.get(number, s).executor is not s.executor
+            if s.executor is not None
+            and (number not in versions or versions[number].executor is not s.executor)
         ]
         self._publish(ModelState(name, "", versions))
         for number, state in versions.items():
