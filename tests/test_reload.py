@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from models import identity, write_model
 from tritonclient.utils import InferenceServerException
+
+from models import identity, write_model
 
 CLIENTS = 16
 SECONDS = 20.0
@@ -38,9 +39,7 @@ class Load:
         self.failures: list[str] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [
-            threading.Thread(target=self._run, args=(url, i)) for i in range(CLIENTS)
-        ]
+        self._threads = [threading.Thread(target=self._run, args=(url, i)) for i in range(CLIENTS)]
 
     def __enter__(self) -> Load:
         for thread in self._threads:
@@ -104,8 +103,9 @@ def test_reload_every_second_under_load_loses_no_request(make_server, tmp_path: 
                 assert step in (8, 9, 12, 13), exc.message()
                 index = _index(admin)
                 assert index["2"]["state"] == "READY"
-                assert "still serving" in index["2"]["reason"] or "selected no version" in (
-                    index["2"]["reason"]
+                assert (
+                    "still serving" in index["2"]["reason"]
+                    or "selected no version" in (index["2"]["reason"])
                 )
                 if step in (8, 9):
                     assert index["3"]["state"] == "UNAVAILABLE"
