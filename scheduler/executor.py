@@ -103,7 +103,9 @@ class ModelExecutor:
         if error is not None:
             raise error
         self.admit(request.deadline)
-        return self._batcher.put(request)
+        future = self._batcher.put(request)
+        request.timeline.stamp("queued")
+        return future
 
     def admit(self, deadline: float | None) -> None:
         """Raises Overloaded when a request with this deadline cannot be answered in time."""
@@ -166,7 +168,9 @@ class ModelExecutor:
         now = started / 1e9
         runnable = []
         for entry in entries:
-            self.statistics.record_queue(started - entry.request.arrival_ns)
+            timeline = entry.request.timeline
+            timeline.batch_start = started
+            self.statistics.record_queue(started - (timeline.queued or timeline.received))
             too_late = self._rate.too_late(entry.request, now)
             if too_late is None:
                 runnable.append(entry)
@@ -184,6 +188,7 @@ class ModelExecutor:
         requests = [e.request for e in entries]
         wanted = {name for r in requests for name in r.outputs}
         outputs = [name for name in self._output_order if name in wanted]
+        compute_start = time.monotonic_ns()
         try:
             execution = await instance.execute(requests, outputs)
         except (BackendError, InvalidInput) as exc:
@@ -200,6 +205,8 @@ class ModelExecutor:
             self._fail(entries, exc)
             return
         output_start = time.perf_counter_ns()
+        for request in requests:
+            request.timeline.compute_start = compute_start
         failed = execution.failed
         responses: list[InferenceResponse | TiffinError]
         if len(failed) == len(requests):  # every request failed: there are no outputs
@@ -215,6 +222,7 @@ class ModelExecutor:
         )
         done = time.monotonic_ns()
         for entry, response in zip(entries, responses, strict=True):
+            entry.request.timeline.compute_end = done
             if isinstance(response, TiffinError):
                 stats.record_outcome(False, done - entry.request.arrival_ns)
                 if not entry.future.done():

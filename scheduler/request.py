@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from tiffin.protos.model_config import ModelConfig
+
+from .context import Timeline
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,17 @@ class InferenceRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 1  # rows in the first dimension; 1 for models that do not batch
     deadline: float | None = None  # time.monotonic() after which the client no longer waits
-    arrival_ns: int = field(default_factory=time.monotonic_ns)
+    # When it reached each stage; shared with its RequestContext, stamped once per stage.
+    timeline: Timeline = field(default_factory=Timeline)
     # The config it was validated against, and whether the caller named its version: a
     # request that did not may move to a newer version taking the same inputs (a swap).
     config: ModelConfig | None = None
     pinned: bool = True
+
+    @property
+    def arrival_ns(self) -> int:
+        """When the request was received (time.monotonic_ns())."""
+        return self.timeline.received
 
 
 @dataclass

@@ -201,7 +201,7 @@ def validate(
         parameters=request.parameters,
         batch_size=batch_size if config.batching and batch_size is not None else 1,
         deadline=context.deadline,
-        arrival_ns=context.timeline.received,
+        timeline=context.timeline,
         config=config,
         pinned=bool(request.model_version),
     )

@@ -263,11 +263,11 @@ class InferenceService:
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
 
-        def start(msg: Any) -> tuple[Pending, model_config.ModelConfig]:
+        def start(msg: Any) -> tuple[Pending, model_config.ModelConfig, RequestContext]:
             # Each request has a context of its own; the stream's deadline bounds each one.
             call = RequestContext("grpc", "stream_infer", metadata, deadline)
             started = self._plane.infer(call, wire_request(msg))
-            return started.pending, started.config
+            return started.pending, started.config, call
 
         session = StreamSession(request_iterator, start, self._stream_window)
         try:
@@ -315,17 +315,21 @@ class InferenceService:
         """The response to one stream request, or the Failure to answer it with."""
         if isinstance(item.outcome, Failure):
             return item.outcome
-        assert item.config is not None
+        assert item.config is not None and item.context is not None
+        status = grpc.StatusCode.OK
         try:
             return self._pb.ModelStreamInferResponse(
                 infer_response=encode_response(item.outcome.wait(), item.config, final=True)
             )
         except TiffinError as exc:
+            status = exc.code
             return Failure(exc.code, exc.message)
         except Exception as exc:  # a bug: the request still gets its answer
             log.exception("a stream request failed")
-            return Failure(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+            status = grpc.StatusCode.INTERNAL
+            return Failure(status, f"internal error: {exc}")
         finally:
+            item.context.finish(status.name)
             session.settled(item.outcome)
 
     def _stream_error(self, item: StreamItem, message: str) -> Any:

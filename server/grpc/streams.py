@@ -23,6 +23,7 @@ import grpc
 
 from tiffin.protos.errors import TiffinError
 from tiffin.protos.model_config import ModelConfig
+from tiffin.scheduler.context import RequestContext
 
 from ..bridge import Pending
 from .decoder import Undecodable
@@ -47,10 +48,12 @@ class StreamItem(NamedTuple):
     model_version: str
     outcome: Pending | Failure
     config: ModelConfig | None = None
+    context: RequestContext | None = None  # answered: finish() it with the status
 
 
-# Starts one request: its Pending and the config it was checked against; raises TiffinError.
-Starter = Callable[[Any], tuple[Pending, ModelConfig]]
+# Starts one request: its Pending, the config it was checked against and its context;
+# raises TiffinError.
+Starter = Callable[[Any], tuple[Pending, ModelConfig, RequestContext]]
 _END = object()
 # What `next_item` returns once the server is shutting down and the requests read before
 # that have been handed out: the stream ends then, whatever its client still sends.
@@ -130,7 +133,7 @@ class StreamSession:
             return StreamItem("", "", "", failure)
         ident = (message.id, message.model_name, message.model_version)
         try:
-            pending, config = self._start(message)
+            pending, config, context = self._start(message)
         except TiffinError as exc:
             return StreamItem(*ident, Failure(exc.code, exc.message))
         except Exception as exc:  # a bug: the request still gets its answer
@@ -141,4 +144,4 @@ class StreamSession:
                 pending.cancel()
             else:
                 self._outstanding.add(pending)
-        return StreamItem(*ident, pending, config)
+        return StreamItem(*ident, pending, config, context)
