@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from importlib import metadata
 
 from tiffin.backends import parse_allowed_backends
@@ -14,6 +15,7 @@ from .dataplane import DataPlane, ServerState
 from .grpc import GrpcFrontDoor
 from .limits import message_limit
 from .registry import ModelRegistry
+from .rest import RestFrontDoor
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class Server:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.port = 0
+        self.http_port = 0  # 0 while REST is off (--no-allow-http)
         self._state = ServerState()
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
@@ -57,6 +60,7 @@ class Server:
         self._registry.subscribe(lambda event, key: self._models_changed())
         self._stopped = threading.Event()
         self._grpc: GrpcFrontDoor | None = None
+        self._rest: RestFrontDoor | None = None
 
     @property
     def registry(self) -> ModelRegistry:
@@ -77,6 +81,9 @@ class Server:
         log.info("request messages may be up to %d bytes", receive_limit)
         self._grpc = GrpcFrontDoor(self.plane, self._registry, s, receive_limit)
         self.port = self._grpc.start(s.host, s.grpc_port)
+        if s.allow_http:
+            self._rest = RestFrontDoor(self.plane, self._registry, s, receive_limit)
+            self.http_port = self._rest.start(s.host, s.http_port)
         asyncio.run_coroutine_threadsafe(self._registry.load_all(specs), self._loop).result()
         self._state.loaded = True
         self._models_changed()
@@ -91,6 +98,8 @@ class Server:
     def _models_changed(self) -> None:
         if self._grpc is not None:
             self._grpc.models_changed()
+        if self._rest is not None:
+            self._rest.models_changed()
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown; safe to call more than once."""
@@ -100,7 +109,12 @@ class Server:
         log.info("shutting down: finishing in-flight requests (up to %.0f s)", grace)
         self._state.stopping = True
         self._grpc.begin_shutdown()
+        if self._rest is not None:
+            self._rest.begin_shutdown()
+        began = time.monotonic()
         self._grpc.stop(grace)
+        if self._rest is not None:  # in-flight REST requests ran meanwhile: one grace for both
+            self._rest.stop(max(0.0, grace - (time.monotonic() - began)))
         asyncio.run_coroutine_threadsafe(self._registry.unload_all(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=5)

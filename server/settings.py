@@ -24,6 +24,18 @@ class ServerSettings(BaseModel):
     allow_http: bool = Field(
         True, description="Serve the KServe v2 HTTP/REST protocol on --http-port (Triton's flag)."
     )
+    http_max_inflight: int = Field(
+        256,
+        ge=1,
+        description="Most HTTP requests read or answered at once; beyond it requests get 429 "
+        "at once (health probes are always answered).",
+    )
+    http_max_input_size: int = Field(
+        64 << 20,
+        ge=1024,
+        description="Largest JSON part of an HTTP inference request, in bytes (Triton's "
+        "--http-max-input-size); larger tensors travel binary.",
+    )
     grpc_threads: int = Field(
         256,
         ge=1,

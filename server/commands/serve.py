@@ -10,7 +10,7 @@ import threading
 from ..server import Server
 from ..settings import add_settings_arguments, settings_from_arguments
 
-HELP = "Serve a model repository over the KServe v2 / Triton gRPC protocol."
+HELP = "Serve a model repository over the KServe v2 / Triton gRPC and HTTP/REST protocols."
 
 log = logging.getLogger("tiffin.serve")
 
@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
                 version.state,
                 f"  {version.reason}" if version.reason else "",
             )
-    log.info("ready on %s:%d (Ctrl-C or SIGTERM to stop)", settings.host, server.port)
+    http = f" and HTTP {settings.host}:{server.http_port}" if settings.allow_http else ""
+    log.info("ready on gRPC %s:%d%s (Ctrl-C or SIGTERM to stop)", settings.host, server.port, http)
     stop.wait()
     server.stop()
     return 0

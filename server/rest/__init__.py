@@ -1,0 +1,141 @@
+"""The REST front door: KServe v2 HTTP/REST with Triton's extensions, on the data plane.
+
+`RestFrontDoor` is all the rest of the server uses. It serves on a thread of its own with
+its own event loop (never the scheduler's), so REST traffic cannot stall the scheduler,
+and the gRPC threads never wait on it.
+
+The HTTP stack is aiohttp's low-level server (`aiohttp.web.Server`, no Application or
+router: routes.py matches Triton's URL patterns itself), chosen by measurement and by what
+it bounds. A fake infer (parse a small JSON request, answer JSON) on one pinned core
+(`taskset -c 1`), wrk on cpu 0, on a 2-core machine shared with other work (so req/s
+varied run to run by 2x; server cpu per request was steadier):
+
+| stack                                 | c=1 req/s | c=8 req/s | c=64 req/s | cpu us/req (c=8, c=64) |
+|---------------------------------------|-----------|-----------|------------|------------------------|
+| aiohttp low-level server              | 4.7-6.0k  | 6.0-12.2k | 7.4-11.7k  | 68-89, 61-74           |
+| aiohttp web.Application + router      | 4.9-5.7k  | 5.6-6.5k  | 7.2-9.0k   | 92-93, 76-89           |
+| uvicorn + httptools, raw ASGI app     | 6.5-7.1k  | 7.9-16.3k | 7.8-20.8k  | 61-67, 48-69           |
+| uvicorn + httptools + uvloop          | 2.1-4.1k  | 1.6-8.0k  | 17.5k      | 57-67, 43              |
+| aiohttp low-level + uvloop            | 3.7k      | 7.5k      | 11.1k      | 75, 61                 |
+
+uvicorn is some 10-25% cheaper per request, but its httptools protocol keeps every header
+and the whole URL a client sends with no bound (a hostile client grows the server's
+memory without limit), while aiohttp's parser refuses more than MAX_HEADERS headers or
+lines over MAX_LINE_BYTES before the handler runs, reads the body only when the handler
+asks (so its size is judged before it is received, `Expect: 100-continue` included),
+inflates compressed bodies incrementally, and cancels a handler whose client went away.
+Those bounds outweigh the difference, which the data plane's own work per request
+(validation, the hop to the scheduler, encoding) makes smaller still. uvloop measured no
+better under this load and would be one more dependency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from aiohttp import web
+
+from ..dataplane import DataPlane
+from ..registry import ModelRegistry
+from ..settings import ServerSettings
+from .service import RestService
+
+log = logging.getLogger(__name__)
+
+# aiohttp's parser refuses a request with more headers, or a longer request line or header,
+# before any handler runs (400): what a client can make the server hold before its body.
+MAX_HEADERS = 128
+MAX_LINE_BYTES = 8190
+# After the grace period, connections still busy get this long to close.
+_CLOSE_SECONDS = 1.0
+
+
+class RestFrontDoor:
+    """An HTTP server for the data plane on its own thread and loop, bound by `start()`,
+    stopped by `stop()`."""
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        registry: ModelRegistry,
+        settings: ServerSettings,
+        receive_limit: int,
+    ) -> None:
+        self._service = RestService(
+            plane,
+            registry,
+            receive_limit,
+            settings.http_max_input_size,
+            settings.http_max_inflight,
+        )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="rest-loop", daemon=True
+        )
+        self._server: web.Server | None = None
+        self._listener: asyncio.Server | None = None
+
+    def start(self, host: str, port: int) -> int:
+        """Binds and starts serving; the port bound (`port` 0 picks a free one)."""
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(self._listen(host, port), self._loop)
+        try:
+            bound = future.result()
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        log.info("listening for HTTP on %s:%d", host, bound)
+        return bound
+
+    async def _listen(self, host: str, port: int) -> int:
+        self._server = web.Server(
+            self._service.handle,
+            handler_cancellation=True,  # the client went away: its request is dropped
+            access_log=None,
+            max_headers=MAX_HEADERS,
+            max_line_size=MAX_LINE_BYTES,
+            max_field_size=MAX_LINE_BYTES,
+        )
+        self._listener = await self._loop.create_server(self._server, host, port)
+        return int(self._listener.sockets[0].getsockname()[1])
+
+    def models_changed(self) -> None:
+        """Request size limits follow the models that serve."""
+        self._service.refresh_limits()
+
+    def begin_shutdown(self) -> None:
+        """New requests (but health probes, which say not ready) get 503 from now on."""
+        self._service.closing = True
+
+    def stop(self, grace: float) -> None:
+        """Waits up to `grace` seconds for requests in flight, then closes every connection
+        and ends the loop's thread."""
+        if self._thread.is_alive():
+            future = asyncio.run_coroutine_threadsafe(self._close(grace), self._loop)
+            try:
+                future.result(timeout=grace + _CLOSE_SECONDS + 5)
+            except Exception:  # closing must not keep the server from stopping
+                log.exception("closing the HTTP server failed")
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    async def _close(self, grace: float) -> None:
+        self._service.closing = True
+        try:
+            await asyncio.wait_for(self._service.idle.wait(), grace)
+        except TimeoutError:
+            log.warning(
+                "%d HTTP request(s) still in flight after %.0f s; closing their connections",
+                self._service.inflight,
+                grace,
+            )
+        if self._listener is not None:
+            self._listener.close()
+        if self._server is not None:
+            await self._server.shutdown(_CLOSE_SECONDS)
+        if self._listener is not None:
+            await self._listener.wait_closed()
+
+
+__all__ = ["RestFrontDoor"]
