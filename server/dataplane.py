@@ -29,7 +29,7 @@ from .validation import WireRequest, validate
 
 SERVER_NAME = "tiffin"
 # Only what really works is advertised: perf_analyzer acts on this list.
-EXTENSIONS = ["model_configuration", "statistics", "model_repository"]
+EXTENSIONS = ["model_configuration", "statistics", "model_repository", "binary_tensor_data"]
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,12 @@ def test_health_and_server_metadata(client):
     assert client.is_server_live() and client.is_server_ready()
     meta = client.get_server_metadata()
     assert meta.name == "tiffin"
-    assert set(meta.extensions) == {"model_configuration", "statistics", "model_repository"}
+    assert set(meta.extensions) == {
+        "model_configuration",
+        "statistics",
+        "model_repository",
+        "binary_tensor_data",
+    }
     assert client.is_model_ready("classifier")
     assert client.is_model_ready("classifier", "1")
 
