@@ -57,13 +57,15 @@ def perf_analyzer() -> Path:
     return wrapper
 
 
-def run_perf_analyzer(wrapper: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def run_perf_analyzer(
+    wrapper: Path, url: str, *args: str, protocol: str = "grpc"
+) -> subprocess.CompletedProcess[str]:
     # This checks the protocol, not performance: a loose stability bound keeps a busy
     # two-core CI box from failing the run ("Failed to obtain stable measurement", exit 2).
     command = [
         str(wrapper),
         "-i",
-        "grpc",
+        protocol,
         "-u",
         url,
         "--measurement-interval",
@@ -114,6 +116,34 @@ def test_perf_analyzer_runs_against_server(perf_analyzer: Path, make_server, mod
     # The server advertises "statistics": perf_analyzer reads ModelStatistics around each
     # window and prints a server-side block, which needs a numeric version and a growing
     # queue count for the version it served.
+    assert re.search(r"^\s*Server:\s*$", output, re.MULTILINE), context
+    served = re.search(r"Successful request count: (\d+)", output)
+    assert served and int(served.group(1)) > 0, context
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 90)
+@pytest.mark.parametrize(
+    "model, mode",
+    [
+        pytest.param("classifier", [], id="unary"),
+        pytest.param("classifier", ["--async"], id="async"),
+        pytest.param("uppercase", ["--shape", "text:3"], id="bytes"),
+    ],
+)
+def test_perf_analyzer_runs_over_http(
+    perf_analyzer: Path, make_server, model: str, mode: list[str]
+):
+    """`-i http`: perf_analyzer's REST client reads the config and statistics as JSON and
+    sends binary tensors (Inference-Header-Content-Length) to the REST front door."""
+    server = make_server(EXAMPLES)
+    result = run_perf_analyzer(perf_analyzer, server.http_url, "-m", model, *mode, protocol="http")
+    output = result.stdout + result.stderr
+    context = (
+        f"perf_analyzer exited {result.returncode}:\n{output}\n--- server log ---\n{server.log()}"
+    )
+    assert result.returncode == 0, context
+    match = THROUGHPUT.search(output)
+    assert match and float(match.group(1)) > 0, context
     assert re.search(r"^\s*Server:\s*$", output, re.MULTILINE), context
     served = re.search(r"Successful request count: (\d+)", output)
     assert served and int(served.group(1)) > 0, context
