@@ -1,10 +1,13 @@
-"""The two Python clients the load generator drives, behind one small async interface.
+"""The Python clients the load generator drives, behind one small async interface.
 
   lean          grpc.aio with raw-bytes (de)serializers: the request is serialized once up
                 front and the same bytes are sent every time, so the client spends as little
                 of its core as gRPC allows and the figure is the server's.
   tritonclient  tritonclient.grpc.aio, as applications write it: InferInput per request
                 set from numpy, InferResult decoded.
+  rest          HTTP/REST (the server's --http-port) with aiohttp: the same request as `lean`,
+                as a JSON header plus binary tensor (Triton's binary extension), built once;
+                unary only (REST has no streams).
 
 A client makes `unary()` calls and opens `Stream`s (ModelStreamInfer); failures raise
 `RequestFailed` carrying a status-code name, which the load generator counts.
@@ -22,7 +25,8 @@ from tiffin.protos import MESSAGE_SIZE_OPTIONS
 
 from .models import INPUT, OUTPUT, ModelSpec
 
-CLIENTS = ("lean", "tritonclient")
+CLIENTS = ("lean", "tritonclient", "rest")
+UNARY_ONLY = ("rest",)
 CHANNEL_OPTIONS = MESSAGE_SIZE_OPTIONS
 IN_BAND = "STREAM_ERROR"  # a stream response carrying error_message (no status code)
 INVALID = "INVALID_RESPONSE"
@@ -226,9 +230,82 @@ class _TritonStream(Stream):
             cancel()
 
 
+_HTTP_STATUS_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED"}
+_HTTP_STATUS_CODES |= {500: "INTERNAL", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE"}
+_HTTP_STATUS_CODES |= {504: "DEADLINE_EXCEEDED"}
+
+
+class RestClient(Client):
+    """One aiohttp session (a connection per concurrent request) posting a pre-built body:
+    a JSON header asking for binary outputs, then the input's raw bytes."""
+
+    def __init__(self, url: str, model: ModelSpec) -> None:
+        import json
+
+        import aiohttp
+
+        self._aiohttp = aiohttp
+        self._model = model
+        tensor = {
+            "name": INPUT,
+            "datatype": "FP32",
+            "shape": [1, *model.input_dims],
+            "parameters": {"binary_data_size": model.input_bytes},
+        }
+        header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}})
+        self._body = header.encode() + model.sample(1).tobytes()
+        self._headers = {"Inference-Header-Content-Length": str(len(header))}
+        self._url = f"http://{url}/v2/models/{model.name}/infer"
+        self._session: Any = None
+        self._checked = False
+
+    async def unary(self, timeout: float) -> None:
+        aiohttp = self._aiohttp
+        if self._session is None:  # made inside the running loop
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        try:
+            async with self._session.post(
+                self._url,
+                data=self._body,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as reply:
+                body = await reply.read()
+                status = reply.status
+        except TimeoutError:
+            raise RequestFailed("DEADLINE_EXCEEDED", "client timeout") from None
+        except aiohttp.ClientError as exc:
+            raise RequestFailed("UNAVAILABLE", str(exc)) from None
+        if status != 200:
+            raise RequestFailed(_HTTP_STATUS_CODES.get(status, f"HTTP_{status}"), body[:200])
+        if not self._checked:
+            self.check(body, reply.headers)
+
+    def check(self, body: bytes, headers: Any) -> None:
+        """The first answer must be OUTPUT0 of the model's size, in binary."""
+        import json
+
+        length = int(headers.get("Inference-Header-Content-Length", -1))
+        header = json.loads(body[:length]) if length > 0 else {}
+        outputs = header.get("outputs") or [{}]
+        want = 4 * int(np.prod(self._model.output_dims))
+        if outputs[0].get("name") != OUTPUT or len(body) - length != want:
+            raise RequestFailed(INVALID, f"unexpected response {body[:200]!r}")
+        self._checked = True
+
+    async def open_stream(self) -> Stream:
+        raise ValueError("REST has no streams: use --mode unary with the rest client")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
 def make_client(kind: str, url: str, model: ModelSpec) -> Client:
     if kind == "lean":
         return LeanClient(url, model)
     if kind == "tritonclient":
         return TritonClient(url, model)
+    if kind == "rest":
+        return RestClient(url, model)
     raise ValueError(f"unknown client '{kind}'; known: {', '.join(CLIENTS)}")

@@ -1,4 +1,4 @@
-"""The load generator: closed and open loop, unary and streaming, lean or tritonclient.
+"""The load generator: closed and open loop, unary and streaming, over gRPC or REST.
 
   closed loop  N concurrent clients; each sends a batch-1 request, waits for the answer and
                sends the next. Streaming spreads the N over `streams` ModelStreamInfer calls
@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from typing import Any
 
-from .clients import CLIENTS, Client, RequestFailed, Stream, make_client
+from .clients import CLIENTS, UNARY_ONLY, Client, RequestFailed, Stream, make_client
 from .models import spec as model_spec
 
 HELP = "Drive one server with a closed or open loop of requests and print the figures."
@@ -65,6 +65,8 @@ class LoadSpec:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
         if self.client not in CLIENTS:
             raise ValueError(f"client must be one of {', '.join(CLIENTS)}, got '{self.client}'")
+        if self.client in UNARY_ONLY and self.mode != "unary":
+            raise ValueError(f"the {self.client} client sends unary requests only")
         if (self.concurrency is None) == (self.rate is None):
             raise ValueError("give exactly one of concurrency (closed loop) and rate (open loop)")
 

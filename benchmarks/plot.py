@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-STYLES = {"tiffin": "-", "echo-sync": ":", "echo-aio": "--"}
+STYLES = {"tiffin": "-", "tiffin-nohttp": "-.", "echo-sync": ":", "echo-aio": "--"}
 COLOURS = {  # (mode, client) -> colour, so that a server's line matches its echo's
     ("unary", "lean"): "tab:blue",
     ("streaming", "lean"): "tab:orange",

@@ -29,6 +29,9 @@ def _finite(value: Any) -> Any:
     return value
 
 
+# Tiffin as measured: with REST beside gRPC (as served by default), and with REST off.
+TIFFIN_TARGETS = {"tiffin": "Tiffin", "tiffin-nohttp": "Tiffin, REST off"}
+
 # perf_analyzer's modes -> the lean client's, for an echo figure measured only by the latter.
 _LEAN_MODE = {"unary_async": "unary"}
 
@@ -42,7 +45,7 @@ def derive(limits: dict, results: list[dict]) -> list[dict]:
     echoes = [r for r in results if r["target"].startswith("echo-") and r.get("throughput")]
     derived = []
     for r in results:
-        if r["target"] != "tiffin" or "concurrency" not in r or r.get("throughput") is None:
+        if r["target"] not in TIFFIN_TARGETS or "concurrency" not in r or not r.get("throughput"):
             continue
         model_limit = limits.get(r["model"], {})
         limit = model_limit.get("best_items_per_s")
@@ -54,6 +57,7 @@ def derive(limits: dict, results: list[dict]) -> list[dict]:
         echo = best["throughput"] if best else None
         ideal = 1 / (1 / limit + 1 / echo) if limit and echo else None
         entry: dict[str, Any] = {
+            "target": r["target"],
             "model": r["model"],
             "mode": r["mode"],
             "client": r["client"],
@@ -141,12 +145,16 @@ def _header(run: dict) -> list[str]:
 def _tiffin_tables(run: dict) -> list[str]:
     lines: list[str] = []
     derived = run.get("derived", [])
-    tiffin = [r for r in run["results"] if r["target"] == "tiffin" and "concurrency" in r]
-    for client in dict.fromkeys(r["client"] for r in tiffin):
-        lines += [f"## Tiffin, {client} client", ""]
+    tiffin = [r for r in run["results"] if r["target"] in TIFFIN_TARGETS and "concurrency" in r]
+    for target, client in dict.fromkeys((r["target"], r["client"]) for r in tiffin):
+        transport = " (REST)" if client == "rest" else ""
+        lines += [f"## {TIFFIN_TARGETS[target]}, {client} client{transport}", ""]
         rows = []
-        for r in (r for r in tiffin if r["client"] == client):
-            d: dict = next((d for d in derived if _same_point(d, r)), {})
+        for r in (r for r in tiffin if (r["target"], r["client"]) == (target, client)):
+            d: dict = next(
+                (d for d in derived if _same_point(d, r) and d.get("target", target) == target),
+                {},
+            )
             rows.append(
                 [
                     r["model"],
@@ -183,7 +191,9 @@ def _tiffin_tables(run: dict) -> list[str]:
             ],
             rows,
         )
-        failed = [r for r in tiffin if r["client"] == client and "error" in r]
+        failed = [
+            r for r in tiffin if (r["target"], r["client"]) == (target, client) and "error" in r
+        ]
         lines += [f"- {r['model']} {r['mode']} c={r['concurrency']}: {r['error']}" for r in failed]
         if failed:
             lines.append("")
@@ -291,7 +301,11 @@ def _open_loop_table(run: dict) -> list[str]:
 
 
 def _bar(run: dict) -> list[str]:
-    derived = [d for d in run.get("derived", []) if d["client"] != "tritonclient"]
+    derived = [
+        d
+        for d in run.get("derived", [])
+        if d["client"] not in ("tritonclient", "rest") and d.get("target", "tiffin") == "tiffin"
+    ]
     if not derived:
         return []
     top = max(d["concurrency"] for d in derived)
@@ -320,7 +334,7 @@ def markdown(run: dict) -> str:
     if skipped:
         reasons = dict.fromkeys(r["skipped"].removeprefix("skipped: ") for r in skipped)
         notes.append(f"{len(skipped)} point(s) skipped: " + "; ".join(reasons))
-    failed = [r for r in run["results"] if "error" in r and r["target"] != "tiffin"]
+    failed = [r for r in run["results"] if "error" in r and r["target"] not in TIFFIN_TARGETS]
     notes += [
         f"{r['target']} {r['model']} {r['mode']} {r['client']} "
         f"c={r.get('concurrency')}: {r['error']}"

@@ -2,8 +2,10 @@
 
   1. writes the model repository (config.yaml from the flags);
   2. starts `serverctl serve` pinned to the server cpus, waits on the gRPC health check, drives
-     every model x mode x client x concurrency (each load warms up, then measures), runs
-     perf_analyzer against it when available, and stops it with SIGTERM;
+     every model x mode x client x concurrency (each load warms up, then measures; the `rest`
+     client on the HTTP port, unary only), runs perf_analyzer against it when available, and
+     stops it with SIGTERM; target `tiffin-nohttp` does the same with REST switched off
+     (--no-allow-http), to show what serving REST beside gRPC costs the gRPC path;
   3. measures the in-process limit on the same cpus;
   4. starts each echo server on the same cpus and drives it with the same load;
   5. writes run.json, results.md and results.png into --out, and prints the table.
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import environment, perf_analyzer, report, servers
-from .clients import CLIENTS
+from .clients import CLIENTS, UNARY_ONLY
 from .limit import parse_cpus
 from .load import DEFAULT_STREAMS, MODES, format_result
 from .models import (
@@ -44,7 +46,8 @@ from .models import spec as model_spec
 
 HELP = "Run Tiffin, the echo ceilings and the in-process limit, pinned; write JSON, table, plot."
 
-TARGETS = ("tiffin", "echo-sync", "echo-aio")
+TARGETS = ("tiffin", "tiffin-nohttp", "echo-sync", "echo-aio")
+DEFAULT_TARGETS = ("tiffin", "echo-sync", "echo-aio")
 ALL_CLIENTS = (*CLIENTS, "perf_analyzer")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -69,7 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clients", default="lean,perf_analyzer", help=f"any of {', '.join(ALL_CLIENTS)}"
     )
-    parser.add_argument("--targets", default=",".join(TARGETS), help="servers to measure")
+    parser.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help=f"servers to measure, any of {', '.join(TARGETS)} (tiffin-nohttp: REST off)",
+    )
     parser.add_argument("--server-cpus", default="1", help="taskset list for the servers")
     parser.add_argument("--client-cpus", default="0", help="taskset list for the load")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per point")
@@ -135,6 +142,8 @@ class Plan:
         for model in self.models:
             for mode in self.modes:
                 for client in self.python_clients():
+                    if client in UNARY_ONLY and (mode != "unary" or target != "tiffin"):
+                        continue  # REST: unary, and only where the HTTP port is open
                     for c in self.concurrency:
                         yield {"model": model, "mode": mode, "client": client, "concurrency": c}
                     if target == "tiffin":
@@ -216,7 +225,7 @@ def _label(target: str, point: dict) -> str:
     return f"{target} {point['model']} {point['mode']} {point['client']} {where}"
 
 
-def _run_load(plan: Plan, url: str, point: dict) -> dict:
+def _run_load(plan: Plan, server: servers.ServerProcess, point: dict) -> dict:
     args = plan.args
     command = [
         sys.executable,
@@ -225,7 +234,7 @@ def _run_load(plan: Plan, url: str, point: dict) -> dict:
         "load",
         "--json",
         "--url",
-        url,
+        server.http_url if point["client"] in UNARY_ONLY else server.url,
         "--model",
         point["model"],
         "--mode",
@@ -305,14 +314,15 @@ def _pa_skip(target: str, point: dict) -> str | None:
 def _measure_server(
     plan: Plan,
     target: str,
-    url: str,
+    server: servers.ServerProcess,
     pa: perf_analyzer.PerfAnalyzer | None,
     display: Display,
     journal: Journal,
 ) -> None:
+    url = server.url
     for point in plan.loads(target):
         display.start(_label(target, point))
-        result = {"target": target, **point, **_run_load(plan, url, point)}
+        result = {"target": target, **point, **_run_load(plan, server, point)}
         journal.add(result)
         shown = result["error"] if "error" in result else format_result(result)
         display.finish(f"{_label(target, point)}: {shown}")
@@ -453,19 +463,20 @@ def main(args: argparse.Namespace) -> int:
         with display:
             if pa is None and "perf_analyzer" in plan.clients:
                 display.note(plan.notes[-1])
-            if "tiffin" in plan.targets:
+            for target in (t for t in plan.targets if t.startswith("tiffin")):
                 start = functools.partial(
                     servers.start_tiffin,
                     repository,
                     plan.server_cpus,
-                    out / "server.log",
+                    out / ("server.log" if target == "tiffin" else f"{target}.log"),
                     plan.models,
                     args.grpc_threads,
+                    http=target == "tiffin",
                 )
-                display.start("starting serverctl serve")
-                with _serving(start, "tiffin", plan.notes, stops) as server:
+                display.start(f"starting serverctl serve ({target})")
+                with _serving(start, target, plan.notes, stops) as server:
                     if server is not None:
-                        _measure_server(plan, "tiffin", server.url, pa, display, journal)
+                        _measure_server(plan, target, server, pa, display, journal)
             display.start("in-process limit")
             limits = run["limit"] = _measure_limit(plan, repository)
             display.finish(
@@ -490,7 +501,7 @@ def main(args: argparse.Namespace) -> int:
                     stops,
                 ) as server:
                     if server is not None:
-                        _measure_server(plan, target, server.url, pa, display, journal)
+                        _measure_server(plan, target, server, pa, display, journal)
     finally:
         run["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
         run["load_average"]["after"] = environment.load_average()

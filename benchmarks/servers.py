@@ -62,6 +62,7 @@ class ServerProcess:
         self.command = command
         self.log_path = log_path
         self.url = url
+        self.http_url = ""  # host:port of the REST front door, where there is one
         self._log = open(log_path, "w+b")
         self.proc = subprocess.Popen(
             command,
@@ -104,8 +105,10 @@ def start_tiffin(
     models: list[str],
     grpc_threads: int | None = None,
     timeout: float = 120.0,
+    http: bool = True,
 ) -> ServerProcess:
-    """`serverctl serve` pinned to `cpus`, once SERVING and every model in `models` ready."""
+    """`serverctl serve` pinned to `cpus`, once SERVING and every model in `models` ready;
+    with the REST front door on a free port (`http_url`), or off (`http` False)."""
     port = free_port()
     command = [
         *serverctl(),
@@ -117,9 +120,12 @@ def start_tiffin(
         "--log-level",
         "WARNING",
     ]
+    http_port = free_port() if http else 0
+    command += ["--http-port", str(http_port)] if http else ["--no-allow-http"]
     if grpc_threads is not None:
         command += ["--grpc-threads", str(grpc_threads)]
     server = ServerProcess(pinned(command, cpus), log_path, f"127.0.0.1:{port}")
+    server.http_url = f"127.0.0.1:{http_port}" if http else ""
     try:
         _wait_serving(server, models, timeout)
     except BaseException:
