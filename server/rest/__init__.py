@@ -6,27 +6,27 @@ and the gRPC threads never wait on it.
 
 The HTTP stack is aiohttp's low-level server (`aiohttp.web.Server`, no Application or
 router: routes.py matches Triton's URL patterns itself), chosen by measurement and by what
-it bounds. A fake infer (parse a small JSON request, answer JSON) on one pinned core
-(`taskset -c 1`), wrk on cpu 0, on a 2-core machine shared with other work (so req/s
-varied run to run by 2x; server cpu per request was steadier):
+it bounds. A fake infer (parse a small JSON request, answer JSON) served on a thread of its
+own pinned to one core (`taskset -c 1`), wrk on cpu 0, 5 s per point, two runs each on a
+2-core machine with other work on it (load average 1.5-2.4), as ranges:
 
-| stack                                 | c=1 req/s | c=8 req/s | c=64 req/s | cpu us/req (c=8, c=64) |
-|---------------------------------------|-----------|-----------|------------|------------------------|
-| aiohttp low-level server              | 4.7-6.0k  | 6.0-12.2k | 7.4-11.7k  | 68-89, 61-74           |
-| aiohttp web.Application + router      | 4.9-5.7k  | 5.6-6.5k  | 7.2-9.0k   | 92-93, 76-89           |
-| uvicorn + httptools, raw ASGI app     | 6.5-7.1k  | 7.9-16.3k | 7.8-20.8k  | 61-67, 48-69           |
-| uvicorn + httptools + uvloop          | 2.1-4.1k  | 1.6-8.0k  | 17.5k      | 57-67, 43              |
-| aiohttp low-level + uvloop            | 3.7k      | 7.5k      | 11.1k      | 75, 61                 |
+| stack                             | req/s c=1, 8, 64             | cpu us/req c=1, 8, 64 |
+|-----------------------------------|------------------------------|-----------------------|
+| aiohttp low-level server (chosen) | 6.2-7.2k, 9.4-15.6k, 15-16k  | 109-115, 63-64, 53-64 |
+| uvicorn + httptools, raw ASGI app | 6.3-6.6k, 8.2-8.8k, 13-15k   | 100-103, 63-72, 50-63 |
+| uvicorn + httptools + uvloop      | 5.5-6.1k, 9.8-11.9k, 16-18k  | 89-106, 53-55, 46-48  |
+| aiohttp low-level + uvloop        | 4.9-5.9k, 10.5-11.2k, 15-19k | 108-141, 67-70, 52-59 |
+| aiohttp web.Application + router  | 5.3-5.6k, 6.1-9.3k, 12-13k   | 129-133, 78-104, 61-70 |
 
-uvicorn is some 10-25% cheaper per request, but its httptools protocol keeps every header
-and the whole URL a client sends with no bound (a hostile client grows the server's
-memory without limit), while aiohttp's parser refuses more than MAX_HEADERS headers or
-lines over MAX_LINE_BYTES before the handler runs, reads the body only when the handler
+aiohttp's low-level server and uvicorn with httptools cost the same per request within the
+noise; uvloop takes some 10-15% off uvicorn's cost at high concurrency, as one more
+compiled dependency. What decided it is what each bounds: uvicorn's httptools protocol
+keeps every header and the whole URL a client sends with no limit (a hostile client grows
+the server's memory at will), while aiohttp's parser refuses more than MAX_HEADERS headers
+or lines over MAX_LINE_BYTES before any handler runs, reads the body only when the handler
 asks (so its size is judged before it is received, `Expect: 100-continue` included),
 inflates compressed bodies incrementally, and cancels a handler whose client went away.
-Those bounds outweigh the difference, which the data plane's own work per request
-(validation, the hop to the scheduler, encoding) makes smaller still. uvloop measured no
-better under this load and would be one more dependency.
+aiohttp's Application and router add a third to the cost per request; they are not used.
 """
 
 from __future__ import annotations
