@@ -146,7 +146,11 @@ def wire_request(
     view = memoryview(body)
     end = len(view) if header_length is None else header_length
     try:
-        header = json.loads(view[:end].tobytes() if end < len(view) else bytes(view))
+        if isinstance(body, memoryview) or end < len(view):
+            text: bytes | bytearray = view[:end].tobytes()
+        else:
+            text = body  # all JSON: parsed where it lies
+        header = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise InvalidInput(
             f"the request for model '{shown(model)}' is not valid JSON: {shown(str(exc), 200)}"
