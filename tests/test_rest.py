@@ -673,6 +673,7 @@ def test_too_many_or_too_long_headers_are_refused(example_server):
     )
     assert reply.split(b"\r\n")[0].split()[1].startswith(b"4"), reply[:200]
     serves(example_server.http_url)
+    assert "Too many headers" not in example_server.log()  # a client's bytes: not logged
 
 
 def test_chunked_body_beyond_the_limit_is_cut_off(example_server):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from typing import Any
 
 from aiohttp import web
 
@@ -50,6 +51,16 @@ MAX_HEADERS = 128
 MAX_LINE_BYTES = 8190
 # After the grace period, connections still busy get this long to close.
 _CLOSE_SECONDS = 1.0
+
+
+class _ClientErrors(logging.LoggerAdapter):
+    """aiohttp logs every malformed request (too many headers, a bad request line) as an
+    ERROR with a traceback: a client's bad bytes are not the server's fault, and a hostile
+    client must not flood the log, so they go to DEBUG. The handler answers its own errors
+    (service.py), so nothing of the server's reaches this."""
+
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kw: Any) -> None:
+        self.debug(msg, *args, exc_info=exc_info, **kw)
 
 
 class RestFrontDoor:
@@ -93,6 +104,7 @@ class RestFrontDoor:
             self._service.handle,
             handler_cancellation=True,  # the client went away: its request is dropped
             access_log=None,
+            logger=_ClientErrors(logging.getLogger(f"{__name__}.protocol"), {}),
             max_headers=MAX_HEADERS,
             max_line_size=MAX_LINE_BYTES,
             max_field_size=MAX_LINE_BYTES,
