@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from toy_backends import Gate
 from tritonclient.utils import InferenceServerException
 
 from conftest import ServerProcess, leaked_arenas
@@ -22,6 +26,8 @@ from tiffin.backends import Device
 from tiffin.protos.model_config import ModelConfig
 from tiffin.scheduler import InferenceRequest, ModelKey
 from tiffin.scheduler.instance import WorkerInstance
+
+T = TypeVar("T")
 
 
 def toy_config(
@@ -61,66 +67,148 @@ def call_in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
     return thread, outcome
 
 
+def wait_for(predicate: Callable[[], T], what: str, timeout: float = 30.0) -> T:
+    """Polls `predicate` every 10 ms until it returns something true, and returns that;
+    fails naming `what` after `timeout` seconds (generous: only a failing test waits it)."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.01)  # a poll interval, not a guess at how long anything takes
+    return value
+
+
 def stats(client: tc.InferenceServerClient, model: str):
     return client.get_inference_statistics(model, "1").model_stats[0]
 
 
-def test_concurrent_requests_form_batches_and_get_their_own_rows(make_server, tmp_path):
-    repo = toy_repo(
-        tmp_path,
-        slow=toy_config("Slow", batching="dynamic_batching: {max_queue_delay_microseconds: 20000}"),
+# A request holding HOLD keeps its batch running until the test calls release().
+HOLD = Gate.HOLD
+# An inline model that `queue_on_stream` sends its probe to.
+PROBE = toy_config("Echo", kind="inline")
+
+
+@pytest.fixture(autouse=True)
+def release_gates(make_server, tmp_path) -> Iterator[None]:
+    """Releases every Gate after the test, before its servers stop: a test that failed
+    while a batch was held would otherwise leave a server that cannot stop."""
+    yield
+    for log in (tmp_path / "models").glob("*/1/batches.log"):
+        (log.parent / "release").touch()
+
+
+def batches(repo: Path, model: str) -> list[list[float]]:
+    """The batches a Gate model has started, in order, by their values."""
+    log = repo / model / "1" / "batches.log"
+    lines = log.read_text().split("\n")[:-1] if log.exists() else []  # whole lines only
+    return [[float(v) for v in line.split()] for line in lines]
+
+
+def release(repo: Path, model: str) -> None:
+    """Lets a Gate model's held batch (and any later one holding HOLD) finish."""
+    (repo / model / "1" / "release").touch()
+
+
+def hold(client: tc.InferenceServerClient, repo: Path, model: str) -> threading.Thread:
+    """Sends a request that occupies the model's instance until release(), and returns
+    once its batch has started."""
+    thread, _ = call_in_thread(client.infer, model, [value_input(HOLD)])
+    wait_for(lambda: batches(repo, model), f"the held batch of '{model}' to start")
+    return thread
+
+
+def queue_on_stream(
+    client: tc.InferenceServerClient, model: str, *requests: dict
+) -> queue.SimpleQueue:
+    """Sends `requests` (async_stream_infer's arguments) to `model` on a new stream, then a
+    request to the model "probe", and returns once the probe has run; the (result, error)
+    of each arrive in the queue returned, in request order.
+
+    When the probe has run, the requests before it are queued: a queued request cannot be
+    seen from outside, but the server starts the requests of a stream one after another
+    and hands requests to the scheduler first come, first served."""
+    answers: queue.SimpleQueue = queue.SimpleQueue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    before = stats(client, "probe").execution_count
+    for request in requests:
+        client.async_stream_infer(model, **request)
+    client.async_stream_infer("probe", [value_input(0.0)])
+    wait_for(
+        lambda: stats(client, "probe").execution_count > before,
+        "the probe sent behind the requests to run",
     )
-    server = make_server(repo)
+    return answers
+
+
+def answered(answers: queue.SimpleQueue, count: int) -> list:
+    """The next `count` results from a stream's queue of answers; fails on an error."""
+    results = []
+    for _ in range(count):
+        result, error = answers.get(timeout=30)
+        assert error is None, error
+        results.append(result)
+    return results
+
+
+def test_concurrent_requests_form_batches_and_get_their_own_rows(make_server, tmp_path):
+    # A batch is cut when its 12 rows are there: the long delay only bounds how far apart
+    # the six requests may arrive (a loaded machine), it is never waited for.
+    batching = "dynamic_batching: {max_queue_delay_microseconds: 30000000}"
+    server = make_server(toy_repo(tmp_path, slow=toy_config("Slow", 12, batching)))
     client = tc.InferenceServerClient(server.url)
-    blocker, _ = call_in_thread(client.infer, "slow", [value_input(0.4)])
-    time.sleep(0.1)  # the blocker is running; the next requests queue up behind it
     calls = [
         call_in_thread(client.infer, "slow", [value_input(0.001 * (i + 1), 0.5 + i)])
         for i in range(6)
     ]
     for thread, _ in calls:
-        thread.join(30)
-    blocker.join(30)
+        thread.join(60)
     for i, (_, outcome) in enumerate(calls):
         got = outcome["result"].as_numpy("OUTPUT0").reshape(-1)
         np.testing.assert_array_equal(got, np.array([0.001 * (i + 1), 0.5 + i], np.float32))
     sizes = {b.batch_size: b.compute_infer.count for b in stats(client, "slow").batch_stats}
-    assert max(sizes) > 2, sizes  # several 2-row requests ran as one batch
-    assert stats(client, "slow").inference_count == 13
+    assert sizes == {12: 1}, sizes  # the six 2-row requests ran as one batch
+    assert stats(client, "slow").inference_count == 12
 
 
 def test_priorities_order_service(make_server, tmp_path):
     batching = "dynamic_batching: {priority_levels: 2, default_priority_level: 2}"
-    server = make_server(toy_repo(tmp_path, slow=toy_config("Slow", 1, batching)))
+    repo = toy_repo(tmp_path, gate=toy_config("Gate", 1, batching), probe=PROBE)
+    server = make_server(repo)
     client = tc.InferenceServerClient(server.url)
-    blocker, _ = call_in_thread(client.infer, "slow", [value_input(0.5)])
-    time.sleep(0.15)
-    low, low_out = call_in_thread(client.infer, "slow", [value_input(0.01)], priority=2)
-    time.sleep(0.05)
-    high, high_out = call_in_thread(client.infer, "slow", [value_input(0.01)], priority=1)
-    for thread in (blocker, low, high):
-        thread.join(30)
-    assert "result" in high_out and "result" in low_out
-    assert high_out["done_at"] < low_out["done_at"]
+    blocker = hold(client, repo, "gate")
+    # The low-priority request is queued first, the high-priority one behind it.
+    answers = queue_on_stream(
+        client,
+        "gate",
+        {"inputs": [value_input(2.0)], "priority": 2},
+        {"inputs": [value_input(1.0)], "priority": 1},
+    )
+    release(repo, "gate")
+    blocker.join(30)
+    answered(answers, 3)
+    client.stop_stream()
+    assert batches(repo, "gate") == [[HOLD], [1.0], [2.0]]  # high ran before low
 
 
 def test_queue_full_is_resource_exhausted(make_server, tmp_path):
     batching = "dynamic_batching: {default_queue_policy: {max_queue_size: 1}}"
-    server = make_server(toy_repo(tmp_path, slow=toy_config("Slow", 1, batching)))
+    repo = toy_repo(tmp_path, gate=toy_config("Gate", 1, batching))
+    server = make_server(repo)
     client = tc.InferenceServerClient(server.url)
-    blocker, _ = call_in_thread(client.infer, "slow", [value_input(0.6)])
-    time.sleep(0.15)
-    waiting, waiting_out = call_in_thread(client.infer, "slow", [value_input(0.0)])
-    time.sleep(0.1)
-    start = time.monotonic()
-    with pytest.raises(InferenceServerException) as info:
-        client.infer("slow", [value_input(0.0)])
-    assert time.monotonic() - start < 0.3  # refused at once, not after waiting
-    assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
-    assert "maximum queue size" in info.value.message()
+    blocker = hold(client, repo, "gate")
+    # Two requests for the one place in the queue: whichever comes second is refused.
+    calls = [call_in_thread(client.infer, "gate", [value_input(v)]) for v in (1.0, 2.0)]
+    wait_for(lambda: any("done_at" in out for _, out in calls), "a request to be refused")
+    (_, refused), (waiting, waiting_out) = sorted(calls, key=lambda c: "done_at" not in c[1])
+    assert refused["error"].status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "maximum queue size" in refused["error"].message()
+    # Refused at once, not after waiting: the other still waits behind the held batch.
+    assert waiting.is_alive() and not waiting_out
+    release(repo, "gate")
     blocker.join(30)
     waiting.join(30)
-    assert "result" in waiting_out
+    value = waiting_out["result"].as_numpy("OUTPUT0").item()
+    assert batches(repo, "gate") == [[HOLD], [value]]
 
 
 def test_queue_timeout_rejects_with_unavailable(make_server, tmp_path):
@@ -128,43 +216,67 @@ def test_queue_timeout_rejects_with_unavailable(make_server, tmp_path):
         "dynamic_batching: {default_queue_policy: "
         "{default_timeout_microseconds: 100000, timeout_action: REJECT}}"
     )
-    server = make_server(toy_repo(tmp_path, slow=toy_config("Slow", 1, batching)))
+    repo = toy_repo(tmp_path, gate=toy_config("Gate", 1, batching))
+    server = make_server(repo)
     client = tc.InferenceServerClient(server.url)
-    blocker, _ = call_in_thread(client.infer, "slow", [value_input(0.8)])
-    time.sleep(0.15)
-    start = time.monotonic()
+    blocker = hold(client, repo, "gate")
     with pytest.raises(InferenceServerException) as info:
-        client.infer("slow", [value_input(0.0)])
-    assert time.monotonic() - start < 0.6  # rejected while the blocker still runs
+        client.infer("gate", [value_input(1.0)])
     assert info.value.status() == "StatusCode.UNAVAILABLE"
     assert "Request timeout expired" in info.value.message()
+    assert blocker.is_alive()  # rejected while the held batch still runs
+    release(repo, "gate")
     blocker.join(30)
+    assert batches(repo, "gate") == [[HOLD]]
 
 
 def test_expired_deadline_is_dropped_and_never_computed(make_server, tmp_path):
-    server = make_server(toy_repo(tmp_path, slow=toy_config("Slow", 1)))
+    repo = toy_repo(tmp_path, gate=toy_config("Gate", 1))
+    server = make_server(repo)
     client = tc.InferenceServerClient(server.url)
-    blocker, _ = call_in_thread(client.infer, "slow", [value_input(0.6)])
-    time.sleep(0.15)
+    blocker = hold(client, repo, "gate")
     with pytest.raises(InferenceServerException) as info:
-        client.infer("slow", [value_input(0.0)], client_timeout=0.1)
+        client.infer("gate", [value_input(1.0)], client_timeout=0.1)
     assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    release(repo, "gate")
     blocker.join(30)
-    time.sleep(0.2)
-    assert stats(client, "slow").execution_count == 1  # only the blocker ran
+    # Requests run in arrival order: once a later one has run, the expired one never will.
+    client.infer("gate", [value_input(2.0)])
+    assert batches(repo, "gate") == [[HOLD], [2.0]]
+    assert stats(client, "gate").execution_count == 2
+
+
+def stream_opens(client: tc.InferenceServerClient) -> bool:
+    """Whether a new stream of this client is let in and answers a probe; a server with
+    --max-streams 1 refuses it while it still holds the client's previous stream."""
+    answers: queue.SimpleQueue = queue.SimpleQueue()
+    client.start_stream(callback=lambda result, error: answers.put(error))
+    try:
+        client.async_stream_infer("probe", [value_input(0.0)])
+    except InferenceServerException:
+        pass  # refused before the request went out; the callback has the reason
+    error = answers.get(timeout=30)
+    client.stop_stream()
+    assert error is None or "streams open" in str(error), error
+    return error is None
 
 
 def test_cancelled_call_is_removed_from_the_queue(make_server, tmp_path):
-    server = make_server(toy_repo(tmp_path, slow=toy_config("Slow", 1)))
+    repo = toy_repo(tmp_path, gate=toy_config("Gate", 1), probe=PROBE)
+    server = make_server(repo, "--max-streams", "1")
     client = tc.InferenceServerClient(server.url)
-    blocker, _ = call_in_thread(client.infer, "slow", [value_input(0.6)])
-    time.sleep(0.15)
-    context = client.async_infer("slow", [value_input(0.0)], lambda result, error: None)
-    time.sleep(0.1)
-    context.cancel()
+    blocker = hold(client, repo, "gate")
+    queue_on_stream(client, "gate", {"inputs": [value_input(1.0)]})
+    client.stop_stream(cancel_requests=True)
+    # A cancellation is not acknowledged, but the server drops what a cancelled stream
+    # queued before it lets the stream go, and only then (one stream at a time) a new one in.
+    wait_for(lambda: stream_opens(client), "the server to close the cancelled stream")
+    release(repo, "gate")
     blocker.join(30)
-    time.sleep(0.3)
-    assert stats(client, "slow").execution_count == 1  # the cancelled request never ran
+    # Requests run in arrival order: once a later one has run, the cancelled one never will.
+    client.infer("gate", [value_input(2.0)])
+    assert batches(repo, "gate") == [[HOLD], [2.0]]
+    assert stats(client, "gate").execution_count == 2
 
 
 def _workers_of(pid: int) -> list[int]:
@@ -175,47 +287,54 @@ def _workers_of(pid: int) -> list[int]:
 
 
 def test_killed_worker_fails_its_request_then_is_replaced(make_server, tmp_path):
-    server = make_server(toy_repo(tmp_path, slow=toy_config("Slow", 1)))
+    repo = toy_repo(tmp_path, gate=toy_config("Gate", 1))
+    server = make_server(repo)
     client = tc.InferenceServerClient(server.url)
     (worker,) = _workers_of(server.proc.pid)
-    call, outcome = call_in_thread(client.infer, "slow", [value_input(5.0)], client_timeout=30)
-    time.sleep(0.3)
+    call, outcome = call_in_thread(client.infer, "gate", [value_input(HOLD)], client_timeout=30)
+    wait_for(lambda: batches(repo, "gate"), "the batch to start")  # never released
     killed_at = time.monotonic()
     os.kill(worker, signal.SIGKILL)
     call.join(30)
-    assert outcome["done_at"] - killed_at < 1.0
+    # The death is noticed, not waited out: far sooner than the client's 30 s (a generous
+    # bound, for a loaded machine).
+    assert outcome["done_at"] - killed_at < 10
     error = outcome["error"]
     assert error.status() == "StatusCode.UNAVAILABLE"
-    assert "slow_1_0" in error.message() and "exited" in error.message()
-    deadline = time.monotonic() + 30
-    while True:  # a new worker takes over; requests sent meanwhile wait for it
+    assert "gate_1_0" in error.message() and "exited" in error.message()
+
+    def served() -> tc.InferResult | None:  # a new worker takes over; requests wait for it
         try:
-            result = client.infer("slow", [value_input(0.0)], client_timeout=10)
-            break
+            return client.infer("gate", [value_input(1.0)], client_timeout=10)
         except InferenceServerException as exc:
             assert exc.status() == "StatusCode.UNAVAILABLE", exc
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+            return None
+
+    result = wait_for(served, "a new worker to serve")
     assert result.as_numpy("OUTPUT0").shape == (1, 1)
     assert _workers_of(server.proc.pid) not in ([], [worker])
 
 
 def test_backend_exception_fails_only_the_bad_request(make_server, tmp_path):
-    batching = "dynamic_batching: {max_queue_delay_microseconds: 500000}"
-    server = make_server(toy_repo(tmp_path, fail=toy_config("Fail", 8, batching)))
+    # A batch is cut when its 2 rows are there: the long delay only bounds how far apart the
+    # two requests may arrive, it is never waited for.
+    batching = "dynamic_batching: {max_queue_delay_microseconds: 30000000}"
+    server = make_server(toy_repo(tmp_path, fail=toy_config("Fail", 2, batching)))
     client = tc.InferenceServerClient(server.url)
     good, good_out = call_in_thread(client.infer, "fail", [value_input(1.0)])
     bad, bad_out = call_in_thread(client.infer, "fail", [value_input(-1.0)])
-    good.join(30)
-    bad.join(30)
+    good.join(60)
+    bad.join(60)
     assert good_out["result"].as_numpy("OUTPUT0").reshape(-1).tolist() == [1.0]
     assert bad_out["error"].status() == "StatusCode.INTERNAL"
     assert "negative input is not allowed" in bad_out["error"].message()
     # They were batched: the backend saw both rows at once, then each request alone (the
-    # fallback for a backend that fails a whole batch).
+    # fallback for a backend that fails a whole batch). The model serves on (two rows, so
+    # that this batch too is cut at once).
+    after = client.infer("fail", [value_input(2.0, 3.0)]).as_numpy("OUTPUT0")
+    assert after.tolist() == [[2.0], [3.0]]
     calls = (tmp_path / "models" / "fail" / "1" / "calls.log").read_text().split()
-    assert calls == ["2", "1", "1"], calls
-    assert client.infer("fail", [value_input(2.0)]).as_numpy("OUTPUT0").tolist() == [[2.0]]
+    assert calls == ["2", "1", "1", "2"], calls
 
 
 ENV_OUTPUT = ", {name: ENV, datatype: BYTES, dims: [3]}"
@@ -300,18 +419,29 @@ def test_gpu_instance_without_a_gpu_fails_the_load_clearly(make_server, example_
 
 
 def test_unload_lets_queued_and_running_requests_finish(make_server, tmp_path):
-    server = make_server(toy_repo(tmp_path, slow=toy_config("Slow", 1)))
+    repo = toy_repo(tmp_path, gate=toy_config("Gate", 1), probe=PROBE)
+    server = make_server(repo)
     client = tc.InferenceServerClient(server.url)
-    first, first_out = call_in_thread(client.infer, "slow", [value_input(0.5)])
-    time.sleep(0.1)
-    second, second_out = call_in_thread(client.infer, "slow", [value_input(0.1)])
-    time.sleep(0.1)
-    client.unload_model("slow")
+    first, first_out = call_in_thread(client.infer, "gate", [value_input(HOLD)])
+    wait_for(lambda: batches(repo, "gate"), "the first request to run")
+    answers = queue_on_stream(client, "gate", {"inputs": [value_input(1.0)]})
+    unload, _ = call_in_thread(client.unload_model, "gate")  # returns once both finished
+
+    def unloading() -> bool:
+        index = {m.name: m.state for m in client.get_model_repository_index().models}
+        return index["gate"] == "UNLOADING"
+
+    wait_for(unloading, "the unload to begin")
+    release(repo, "gate")
+    unload.join(30)
     first.join(30)
-    second.join(30)
-    assert "result" in first_out and "result" in second_out
+    assert "result" in first_out
+    second, _probe = answered(answers, 2)
+    client.stop_stream()
+    assert second.as_numpy("OUTPUT0").tolist() == [[1.0]]
+    assert batches(repo, "gate") == [[HOLD], [1.0]]
     with pytest.raises(InferenceServerException) as info:
-        client.infer("slow", [value_input(0.0)])
+        client.infer("gate", [value_input(0.0)])
     assert info.value.status() == "StatusCode.NOT_FOUND"
 
 

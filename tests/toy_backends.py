@@ -56,6 +56,29 @@ class Slow(_Toy):
         return super().infer(inputs, outputs)
 
 
+class Gate(_Toy):
+    """OUTPUT0 = INPUT0. Appends the values of every batch it is given to `batches.log` in its
+    version folder, one line a batch, before anything else (a test sees the batch start); a
+    batch holding the value HOLD then waits until the version folder has a file named
+    `release`, at most LIMIT_SECONDS (a test that never releases it fails, not hangs)."""
+
+    HOLD = 1000.0
+    LIMIT_SECONDS = 60.0
+
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        values = inputs["INPUT0"].reshape(-1)
+        with open(self.version_dir / "batches.log", "a") as log:
+            log.write(" ".join(f"{v:g}" for v in values) + "\n")
+        if (values == self.HOLD).any():
+            release = self.version_dir / "release"
+            deadline = time.monotonic() + self.LIMIT_SECONDS
+            while not release.exists():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{release} did not appear within {self.LIMIT_SECONDS} s")
+                time.sleep(0.005)
+        return super().infer(inputs, outputs)
+
+
 class Fail(_Toy):
     """Raises when any element of INPUT0 is negative; otherwise OUTPUT0 = INPUT0. Appends
     the rows of every batch it is given to `calls.log` in its version folder."""
