@@ -249,7 +249,10 @@ class InferenceService:
             # it waited for a handler thread past its deadline
             raise DeadlineExceeded("the client's deadline passed before the request started")
         started = self._plane.infer(call, wire_request(request))
-        context.add_callback(started.pending.cancel)  # the client went away: drop the request
+        # The client went away: drop the request (add_callback is False when the call has
+        # already ended, cancelled before the callback could be added).
+        if not context.add_callback(started.pending.cancel):
+            started.pending.cancel()
         return encode_response(started.pending.wait(), started.config)
 
     def ModelStreamInfer(
