@@ -782,6 +782,7 @@ def test_requests_beyond_max_inflight_get_429(make_server, slow_repo):
     status, _, reply = request(server.http_url, "POST", "/v2/models/slow/infer", slow_body(0))
     expect_error(status, reply, 429, "--http-max-inflight")
     assert request(server.http_url, "GET", "/v2/health/ready")[0] == 200  # probes always pass
+    assert request(server.http_url, "GET", "/v2/models/slow/ready")[0] == 200
     worker.join(30)
     assert answers[0][0] == 200
 
@@ -809,6 +810,8 @@ def test_sigterm_not_ready_first_then_503_and_in_flight_finish(slow_repo):
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     assert request(server.http_url, "GET", "/v2/health/ready")[0] == 400
+    status, _, reply = request(server.http_url, "GET", "/v2/models/slow/ready")
+    expect_error(status, reply, 400, "not ready")
     status, _, reply = request(server.http_url, "POST", "/v2/models/slow/infer", slow_body(0))
     expect_error(status, reply, 503, "shutting down")
     worker.join(30)

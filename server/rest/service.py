@@ -84,7 +84,8 @@ HTTP_STATUS = {
 JSON_FACTOR = 16
 INFERENCE_HEADER = "Inference-Header-Content-Length"
 _JSON = "application/json"
-_HEALTH = ("live", "ready")
+# Probes are answered whatever the load and during shutdown (when they say "not ready").
+_PROBES = ("live", "ready", "model_ready")
 
 
 def _reply(status: int, document: Any = None) -> web.Response:
@@ -148,8 +149,8 @@ class RestService:
             return error_reply(404, "Not Found")
         if request.method != METHODS[operation]:
             return error_reply(405, "Method Not Allowed")
-        if operation in _HEALTH:  # probes are never refused for load, and cost nothing
-            return self._health(operation, request)
+        if operation in _PROBES:
+            return await self._operation(operation, found, request)
         if self.closing:
             return error_reply(
                 503, "the server is shutting down and has stopped accepting new requests"
@@ -172,16 +173,6 @@ class RestService:
     def _context(self, operation: str, request: web.BaseRequest) -> RequestContext:
         headers = {key.lower(): value for key, value in request.headers.items()}
         return RequestContext("rest", operation, headers, None)
-
-    def _health(self, operation: str, request: web.BaseRequest) -> web.Response:
-        context = self._context(operation, request)
-        try:
-            ok = self._plane.live(context) if operation == "live" else self._plane.ready(context)
-        except TiffinError as exc:
-            context.finish(exc.code.name)
-            return error_reply(HTTP_STATUS.get(exc.code, 500), exc.message)
-        context.finish("OK")
-        return _reply(200 if ok else 400)
 
     async def _operation(
         self, operation: str, found: Route, request: web.BaseRequest
@@ -212,6 +203,9 @@ class RestService:
     ) -> web.Response:
         plane = self._plane
         model, version = found.model, found.version
+        if operation in ("live", "ready"):  # Triton: 200 or 400, no body
+            ok = plane.live(context) if operation == "live" else plane.ready(context)
+            return _reply(200 if ok else 400)
         if operation == "server_metadata":
             return _reply(200, documents.server_metadata(plane.server_metadata(context)))
         if operation == "model_ready":
