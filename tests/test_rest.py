@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -819,3 +820,25 @@ def test_sigterm_not_ready_first_then_503_and_in_flight_finish(slow_repo):
     assert status == 200, reply
     assert json.loads(reply)["outputs"][0]["data"] == [2.0]
     assert server.proc.wait(30) == 0, server.log()
+
+
+def test_http_port_already_taken_fails_clearly(example_server):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tiffin.server.cli",
+            "serve",
+            "--model-repository",
+            str(EXAMPLES),
+            "--grpc-port",
+            "0",
+            "--http-port",
+            str(example_server.http_port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{example_server.http_port}" in result.stderr
