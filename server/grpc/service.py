@@ -277,7 +277,8 @@ class InferenceService:
             self._streams.enter(context.peer(), session)
         except TiffinError as exc:
             context.abort(exc.code, exc.message)
-        context.add_callback(session.close)  # the client went away: drop what waits
+        if not context.add_callback(session.close):  # the client went away: drop what waits
+            session.close()
         if not self._plane.accepting():  # shutdown began while this stream was being set up
             session.shut_down()
         try:
