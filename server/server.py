@@ -29,9 +29,9 @@ def _version() -> str:
 
 
 class Server:
-    """Serves a model repository over gRPC.
+    """Serves a model repository over gRPC and HTTP/REST (both front doors on one data plane).
 
-    `start()` returns once the port is bound and the repository's models have been
+    `start()` returns once the ports are bound and the repository's models have been
     loaded (or failed to); `stop()` stops taking new calls, lets in-flight ones finish
     within the grace period, then unloads every model.
     """
