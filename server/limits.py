@@ -14,6 +14,8 @@ from tiffin.protos.datatypes import DATATYPES
 from tiffin.protos.model_config import ModelConfig
 from tiffin.protos.tensors import element_count
 
+from .registry import ModelState
+
 # Room for what is not tensor data in a ModelInferRequest: names, id, parameters, shapes.
 REQUEST_OVERHEAD_BYTES = 64 << 10
 # Requests without tensor data (metadata, repository calls): gRPC's own default limit.
@@ -68,3 +70,16 @@ def message_limit(configs: Iterable[ModelConfig]) -> int:
                 return MAX_MESSAGE_BYTES
             largest = max(largest, size)
     return largest
+
+
+def request_limits(models: Iterable[ModelState]) -> dict[str, int | None]:
+    """Each serving model's largest request: what the largest of its ready versions accepts
+    (None when one has no fixed bound). Models with no ready version are left out."""
+    limits: dict[str, int | None] = {}
+    for model in models:
+        configs = [model.versions[v].spec.config for v in model.ready_versions()]
+        sizes = [max_request_bytes(c) for c in configs if c is not None]
+        if sizes:
+            fixed = [size for size in sizes if size is not None]
+            limits[model.name] = max(fixed) if len(fixed) == len(sizes) else None
+    return limits

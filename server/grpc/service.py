@@ -24,7 +24,7 @@ from tiffin.scheduler.statistics import DURATIONS, ModelStatistics
 
 from ..bridge import Pending
 from ..dataplane import DataPlane
-from ..limits import max_request_bytes
+from ..limits import request_limits
 from ..registry import ModelRegistry
 from ..settings import ServerSettings
 from .capacity import StreamGate
@@ -108,13 +108,7 @@ class InferenceService:
 
     def refresh_limits(self) -> None:
         """Bounds each model's requests by what its ready versions can accept."""
-        limits: dict[str, int | None] = {}
-        for model in self._registry.models():
-            configs = [model.versions[v].spec.config for v in model.ready_versions()]
-            sizes = [max_request_bytes(c) for c in configs if c is not None]
-            if sizes:
-                fixed = [size for size in sizes if size is not None]
-                limits[model.name] = max(fixed) if len(fixed) == len(sizes) else None
+        limits = request_limits(self._registry.models())
         self._infer_decoder.limits = limits
         for name, limit in limits.items():
             needs_more = limit is None or limit > self._receive_limit

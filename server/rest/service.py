@@ -50,7 +50,7 @@ from tiffin.scheduler.context import RequestContext
 
 from ..bridge import Pending
 from ..dataplane import DataPlane
-from ..limits import PLAIN_REQUEST_MAX_BYTES, REQUEST_OVERHEAD_BYTES, max_request_bytes
+from ..limits import PLAIN_REQUEST_MAX_BYTES, REQUEST_OVERHEAD_BYTES, request_limits
 from ..registry import ModelRegistry
 from . import documents
 from .codec import encode_response, wire_request
@@ -129,14 +129,7 @@ class RestService:
     def refresh_limits(self) -> None:
         """Bounds each model's requests by what its ready versions can accept (any thread:
         the mapping is replaced whole)."""
-        limits: dict[str, int | None] = {}
-        for model in self._registry.models():
-            configs = [model.versions[v].spec.config for v in model.ready_versions()]
-            sizes = [max_request_bytes(c) for c in configs if c is not None]
-            if sizes:
-                fixed = [size for size in sizes if size is not None]
-                limits[model.name] = max(fixed) if len(fixed) == len(sizes) else None
-        self._limits = limits
+        self._limits = request_limits(self._registry.models())
 
     # ---- the one entry ------------------------------------------------------------------
 
