@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 from tiffin.backends import Device
@@ -26,6 +27,16 @@ def visible_gpus() -> list[int]:
     return [i for i in range(len(ids)) if i < present]
 
 
+_told_no_gpu = threading.Event()
+
+
+def _tell_no_gpu() -> None:
+    """Says once per process that `auto` instances run on the CPU (not once per model)."""
+    if not _told_no_gpu.is_set():
+        _told_no_gpu.set()
+        log.warning("no GPU available: instances of kind auto run on the CPU")
+
+
 def place_instances(groups: list[InstanceGroup], model: str) -> list[tuple[Device, bool]]:
     """(device, inline) per instance. Raises ValueError when a GPU asked for is not here."""
     gpus = visible_gpus()
@@ -45,9 +56,15 @@ def place_instances(groups: list[InstanceGroup], model: str) -> list[tuple[Devic
                 f"GPUs are: {have}"
             )
         if group.kind == "auto" and (missing or not wanted):
-            log.warning(
-                "model '%s': no GPU available for %s of kind auto; using the CPU", model, label
-            )
+            if missing:  # this model named GPUs that are not here
+                log.warning(
+                    "model '%s': %s asks for GPU %s, which is not visible; using the CPU",
+                    model,
+                    label,
+                    ", ".join(map(str, missing)),
+                )
+            else:
+                _tell_no_gpu()
             devices += [(Device("cpu"), False)] * group.count
             continue
         for gpu in wanted:

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "TIFFIN_"
 
@@ -76,7 +85,7 @@ class ServerSettings(BaseModel):
     @classmethod
     def _room_for_a_message(cls, value: int) -> int:
         if 0 < value < 1024:
-            raise ValueError(f"must be 0 (automatic) or at least 1024, got {value}")
+            raise ValueError("it must be 0 (automatic) or at least 1024 bytes")
         return value
 
     allowed_backends: str = Field(
@@ -97,7 +106,7 @@ class ServerSettings(BaseModel):
     def _streams_leave_threads(self) -> ServerSettings:
         if self.max_streams and self.max_streams >= self.grpc_threads:
             raise ValueError(
-                f"max_streams ({self.max_streams}) must be below grpc_threads "
+                f"--max-streams ({self.max_streams}) must be below --grpc-threads "
                 f"({self.grpc_threads}): streams hold a thread each, and health checks and "
                 "unary calls need one too"
             )
@@ -135,8 +144,66 @@ def add_settings_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...
             )
 
 
-def settings_from_arguments(args: argparse.Namespace) -> ServerSettings:
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message names the flag or variable, the value, and
+    what is expected, in sentences."""
+
+
+def settings_from_arguments(
+    args: argparse.Namespace, argv: Sequence[str] | None = None
+) -> ServerSettings:
+    """The settings the flags (and TIFFIN_ variables) give; SettingsError when any is wrong.
+
+    `argv` tells a flag given on the command line from a value its variable gave."""
     values = {
         name: getattr(args, name) for name in ServerSettings.model_fields if hasattr(args, name)
     }
-    return ServerSettings.model_validate(values)
+    try:
+        return ServerSettings.model_validate(values)
+    except ValidationError as exc:
+        given = list(sys.argv[1:] if argv is None else argv)
+        problems = [_problem(error, given) for error in exc.errors()]
+        raise SettingsError(" ".join(problems)) from None
+
+
+def _source(name: str, given: list[str]) -> str:
+    """Where a setting's value came from: its flag, or its environment variable."""
+    flag = "--" + name.replace("_", "-")
+    variable = ENV_PREFIX + name.upper()
+    on_command_line = any(a == flag or a.startswith(flag + "=") for a in given)
+    if not on_command_line and variable in os.environ:
+        return f"{variable} (the environment variable for {flag})"
+    return flag
+
+
+def _problem(error: Any, given: list[str]) -> str:
+    """One pydantic error as a sentence: the flag or variable, the value, what is expected."""
+    if not error["loc"]:  # a check across settings: its message names the flags
+        return str(error["msg"]).removeprefix("Value error, ") + "."
+    name = str(error["loc"][0])
+    field = ServerSettings.model_fields.get(name)
+    bounds = {
+        k: getattr(m, k)
+        for m in (field.metadata if field else [])
+        for k in ("ge", "le")
+        if getattr(m, k, None) is not None
+    }
+    kind = error["type"]
+    if kind in ("int_parsing", "int_from_float", "greater_than_equal", "less_than_equal"):
+        expected = "a whole number"
+        if "ge" in bounds and "le" in bounds:
+            expected += f" from {bounds['ge']} to {bounds['le']}"
+        elif "ge" in bounds:
+            expected += f" of at least {bounds['ge']}"
+    elif kind == "float_parsing":
+        expected = "a number"
+        if "ge" in bounds:
+            expected += f" of at least {bounds['ge']}"
+    elif kind == "bool_parsing":
+        expected = "true or false"
+    elif kind == "missing":
+        return f"{_source(name, given)} is required."
+    else:
+        expected = str(error["msg"]).removeprefix("Value error, ")
+        return f"{_source(name, given)} is {error['input']!r}, but {expected}."
+    return f"{_source(name, given)} is {error['input']!r}, but it must be {expected}."
