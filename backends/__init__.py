@@ -6,7 +6,14 @@ from collections.abc import Sequence
 
 from tiffin.protos.names import shown
 
-from .base import Backend, BackendBase, BatchResult, Device, ForwardingBackend
+from .base import (
+    Backend,
+    BackendBase,
+    BatchResult,
+    Device,
+    ForwardingBackend,
+    MissingDependency,
+)
 
 #: The environment variable that lists import-path backends to allow (read by the repository
 #: reader, not here): comma-separated `module:Class`, or `module` for every class in that
@@ -141,6 +148,7 @@ __all__ = [
     "BatchResult",
     "Device",
     "ForwardingBackend",
+    "MissingDependency",
     "backend_names",
     "check_backend_allowed",
     "get_backend",

@@ -9,6 +9,7 @@ calls `load` once, `infer_batch` once per batch (by default it calls `infer`), a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,11 @@ class Device:
 
     def __str__(self) -> str:
         return "cpu" if self.kind == "cpu" else f"gpu:{self.id}"
+
+
+class MissingDependency(RuntimeError):
+    """A model needs something this environment lacks (a framework, a GPU build of one): not a
+    fault of the model repository. The message says what is missing and how to get it."""
 
 
 def reject_unknown_parameters(config: ModelConfig, known: tuple[str, ...], backend: str) -> None:
@@ -91,9 +97,16 @@ class BackendBase:
         """Returns `config` with what the model file tells filled in (inputs, outputs,
         max_batch_size), checking what the config declares against the file.
 
-        Raises ValueError with a sentence naming the field when they disagree.
+        Raises ValueError with a sentence naming the field when they disagree, and
+        MissingDependency when this environment lacks what reading the file needs.
         """
         return config
+
+    @classmethod
+    def check_devices(cls, config: ModelConfig, devices: Sequence[Device]) -> None:
+        """Raises MissingDependency when this environment cannot run the model's instances on
+        `devices` (a GPU instance with a CPU-only framework), as `load` would find, without
+        loading anything. By default every device will do."""
 
 
 class Backend(BackendBase, ABC):

@@ -9,6 +9,7 @@ Parameters (config.yaml `parameters`):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 from tiffin.protos.errors import InvalidInput
 from tiffin.protos.model_config import ModelConfig, TensorConfig, dims_within
 
-from .base import Backend, Device, reject_unknown_parameters
+from .base import Backend, Device, MissingDependency, reject_unknown_parameters
 
 # ONNX type strings as onnxruntime reports them -> wire datatypes.
 _ONNX_TYPES = {
@@ -51,12 +52,21 @@ DEFAULT_MAX_BATCH_SIZE = 4
 def _import_ort() -> Any:
     try:
         import onnxruntime
-    except ImportError:
-        raise RuntimeError(
+    except ImportError as exc:
+        raise MissingDependency(
             "the onnxruntime backend needs ONNX Runtime: pip install 'tiffin[cpu]' "
-            "(or 'tiffin[gpu]' for CUDA)"
+            f"(or 'tiffin[gpu]' for CUDA) (import onnxruntime: {exc})"
         ) from None
     return onnxruntime
+
+
+def _check_cuda_provider(ort: Any) -> None:
+    """MissingDependency unless this onnxruntime can run on CUDA."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise MissingDependency(
+            "a GPU instance needs onnxruntime-gpu (pip install 'tiffin[gpu]'); the "
+            f"installed onnxruntime offers {', '.join(ort.get_available_providers())}"
+        )
 
 
 def _dims(shape: list[Any]) -> list[int]:
@@ -174,6 +184,12 @@ class OnnxRuntimeBackend(Backend):
             }
         )
 
+    @classmethod
+    def check_devices(cls, config: ModelConfig, devices: Sequence[Device]) -> None:
+        """MissingDependency when an instance runs on a GPU and onnxruntime-gpu is missing."""
+        if any(d.kind == "gpu" for d in devices):
+            _check_cuda_provider(_import_ort())
+
     def load(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
         ort = _import_ort()
         options = ort.SessionOptions()
@@ -197,11 +213,7 @@ class OnnxRuntimeBackend(Backend):
             )
         options.graph_optimization_level = levels[level]
         if device.kind == "gpu":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise RuntimeError(
-                    "a GPU instance needs onnxruntime-gpu (pip install 'tiffin[gpu]'); the "
-                    f"installed onnxruntime offers {', '.join(ort.get_available_providers())}"
-                )
+            _check_cuda_provider(ort)
             providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device.id})]
         else:
             providers = ["CPUExecutionProvider"]

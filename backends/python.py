@@ -241,6 +241,36 @@ def find_model_class(module: ModuleType, model_file: Path, class_name: str) -> t
     return chosen
 
 
+def import_model_class(
+    package: str, model_file: Path, version_dir: Path, class_name: str = ""
+) -> type[Backend]:
+    """Imports `model_file` (as `import_model_file` does) and finds the Backend subclass to
+    serve (as `find_model_class` does), without creating it; PythonModelError naming the file
+    and the traceback's last line, the traceback itself logged. The caller removes the
+    package's modules when done, failed or not."""
+    try:
+        module = import_model_file(package, model_file)
+    except Exception as exc:
+        log.error("%s cannot be imported", model_file, exc_info=True)
+        raise PythonModelError(
+            f"{model_file} cannot be imported: {describe_exception(exc, version_dir)}"
+        ) from None
+    return find_model_class(module, model_file, class_name)
+
+
+def check_model_file(model_file: Path, class_name: str = "") -> str:
+    """What loading a python model checks before it creates the model: `model_file` imports
+    and defines the Backend subclass to serve. Its name; PythonModelError worded as `load`
+    words it. Imports (runs) the file in this process: `serverctl validate` calls this in a
+    process of its own."""
+    package = f"tiffin_check_{next(_LOADS)}"
+    try:
+        return import_model_class(package, model_file, model_file.parent, class_name).__name__
+    finally:
+        for name in _owned_modules(package):
+            del sys.modules[name]
+
+
 class PythonBackend(Backend):
     """Runs the Backend subclass defined in a version folder's `model.py`."""
 
@@ -288,16 +318,11 @@ class PythonBackend(Backend):
         self._batching = config.batching
         self._package = _private_name(config, version_dir)
         try:
-            module = import_model_file(self._package, model_file)
-        except Exception as exc:
-            self._forget_modules()
-            log.error("%s cannot be imported", model_file, exc_info=True)
-            raise PythonModelError(
-                f"{model_file} cannot be imported: {describe_exception(exc, version_dir)}"
-            ) from None
-        try:
-            model_class = find_model_class(
-                module, model_file, str(config.parameters.get(CLASS_NAME_PARAMETER, ""))
+            model_class = import_model_class(
+                self._package,
+                model_file,
+                version_dir,
+                str(config.parameters.get(CLASS_NAME_PARAMETER, "")),
             )
             self._class_name = model_class.__name__
             model = model_class()

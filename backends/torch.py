@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ import numpy as np
 from tiffin.protos.datatypes import DATATYPES
 from tiffin.protos.model_config import ModelConfig
 
-from .base import Backend, Device, reject_unknown_parameters
+from .base import Backend, Device, MissingDependency, reject_unknown_parameters
 from .torch_formats import (
     PLATFORMS,
     TORCH_TYPES,
@@ -91,8 +92,10 @@ _READ_ONLY_WARNING = "The given NumPy array is not writable"
 def _import_torch() -> Any:
     try:
         import torch
-    except ImportError:
-        raise RuntimeError("the torch backend needs PyTorch: pip install 'tiffin[torch]'") from None
+    except ImportError as exc:
+        raise MissingDependency(
+            f"the torch backend needs PyTorch: pip install 'tiffin[torch]' (import torch: {exc})"
+        ) from None
     return torch
 
 
@@ -132,21 +135,26 @@ def _settings(config: ModelConfig, fmt: Format) -> _Settings:
 # --- the backend ------------------------------------------------------------------------
 
 
-def _torch_device(torch: Any, device: Device) -> Any:
+def _check_device(torch: Any, device: Device) -> None:
+    """MissingDependency when this torch cannot run on `device`."""
     if device.kind == "cpu":
-        return torch.device("cpu")
+        return
     if not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
-        raise RuntimeError(
+        raise MissingDependency(
             f"this instance runs on GPU {device.id}, but torch.cuda.is_available() is false "
             f"(torch {torch.__version__}: {build}); use kind: cpu or a CUDA build of PyTorch"
         )
     if device.id >= torch.cuda.device_count():
-        raise RuntimeError(
+        raise MissingDependency(
             f"this instance runs on GPU {device.id}, but torch sees only "
             f"{torch.cuda.device_count()} CUDA device(s)"
         )
-    return torch.device("cuda", device.id)
+
+
+def _torch_device(torch: Any, device: Device) -> Any:
+    _check_device(torch, device)
+    return torch.device("cpu") if device.kind == "cpu" else torch.device("cuda", device.id)
 
 
 class TorchBackend(Backend):
@@ -216,6 +224,14 @@ class TorchBackend(Backend):
             check_inputs(config.inputs, signature.arguments)
             check_outputs(config.outputs, signature.returns)
         return config.model_copy(update={**update, "max_batch_size": config.max_batch_size or 0})
+
+    @classmethod
+    def check_devices(cls, config: ModelConfig, devices: Sequence[Device]) -> None:
+        """MissingDependency when an instance runs on a GPU that this torch cannot use."""
+        if any(d.kind == "gpu" for d in devices):
+            torch = _import_torch()
+            for device in devices:
+                _check_device(torch, device)
 
     def load(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
         """Loads the model onto the CPU or `cuda:<id>` and checks its signature against the
