@@ -1,0 +1,162 @@
+"""How many cores a model's instances may use, for sizing framework thread pools.
+
+A framework left to itself sizes its pools for the whole machine. A server process is often
+allowed far less: a CPU affinity (`taskset`, a cpuset) or a cgroup CPU quota (a container's
+`--cpus`), shared among the model's instances and the server's own frontend. Too many threads
+on too few cores fight each other, and spinning threads burn the time the others need.
+
+The rule: `usable` = the cpus in the affinity, capped by the cgroup quota rounded down (at least
+1); each CPU instance gets `max(1, (usable - 1) // instances)` threads when `usable > 1`, else 1,
+leaving one core to the frontend. Other models on the same server are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from tiffin.protos.model_config import InstanceGroup
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+SELF_CGROUP = Path("/proc/self/cgroup")
+# Where cgroup v1 mounts the cpu controller, under the cgroup root, by distribution.
+_V1_CPU_MOUNTS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+@dataclass(frozen=True)
+class CpuBudget:
+    """The cores this process may use: its CPU affinity, capped by its cgroup's CPU quota."""
+
+    affinity: int
+    """Cpus in the process's affinity mask."""
+    quota: float | None = None
+    """Cpus' worth of time per period the cgroup allows; None when it sets no limit."""
+
+    @property
+    def usable(self) -> int:
+        """Whole cores: the affinity, capped by the quota rounded down; at least 1."""
+        cores = self.affinity
+        if self.quota is not None:
+            # Rounded down: a 1.5-cpu quota runs one busy thread without throttling, not two.
+            cores = min(cores, math.floor(self.quota + 1e-9))
+        return max(1, cores)
+
+    def describe(self) -> str:
+        """E.g. '1 usable core (CPU affinity 2 cpus, cgroup quota 1.5 cpus)'."""
+        quota = "none" if self.quota is None else f"{self.quota:g} cpus"
+        return (
+            f"{_plural(self.usable, 'usable core')} (CPU affinity {_plural(self.affinity, 'cpu')}"
+            f", cgroup quota {quota})"
+        )
+
+
+def affinity_count() -> int:
+    """Cpus this process may run on (all of the machine's where affinity is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _own_cgroups(self_cgroup: Path) -> dict[str, str]:
+    """The process's cgroup paths from /proc/self/cgroup: '' for v2, 'cpu' for v1's cpu
+    controller."""
+    paths: dict[str, str] = {}
+    try:
+        text = self_cgroup.read_text()
+    except OSError:
+        return paths
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            paths[""] = path
+        elif "cpu" in controllers.split(","):
+            paths["cpu"] = path
+    return paths
+
+
+def _up_from(base: Path, own: str | None) -> Iterator[Path]:
+    """`base/own` and each folder above it up to `base`: a cgroup's limit holds for every
+    cgroup below it. Inside a container `own` is often not under `base` (base is the
+    container's own cgroup already); the walk then ends at `base` alone."""
+    relative = PurePosixPath(own or "/").relative_to("/")
+    if ".." in relative.parts:
+        relative = PurePosixPath()
+    while True:
+        yield base / relative
+        if relative == PurePosixPath():
+            return
+        relative = relative.parent
+
+
+def _read_ints(path: Path) -> list[str] | None:
+    try:
+        return path.read_text().split()
+    except OSError:
+        return None
+
+
+def cgroup_cpu_quota(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> float | None:
+    """The tightest CPU quota of the process's cgroups, in cpus (quota / period), from cgroup
+    v2's `cpu.max` or v1's `cpu.cfs_quota_us` / `cpu.cfs_period_us` under `root`; None when
+    no file sets one (files absent or unreadable count as no limit)."""
+    own = _own_cgroups(self_cgroup)
+    limits: list[float] = []
+    for folder in _up_from(root, own.get("")):
+        fields = _read_ints(folder / "cpu.max")  # "max 100000" or "150000 100000"
+        if fields and len(fields) == 2 and fields[0] != "max":
+            limits.append(_ratio(fields[0], fields[1]))
+    for mount in _V1_CPU_MOUNTS:
+        for folder in _up_from(root / mount, own.get("cpu")):
+            quota = _read_ints(folder / "cpu.cfs_quota_us")  # -1: no limit
+            period = _read_ints(folder / "cpu.cfs_period_us")
+            if quota and period:
+                limits.append(_ratio(quota[0], period[0]))
+    limits = [x for x in limits if x > 0]
+    return min(limits) if limits else None
+
+
+def _ratio(quota: str, period: str) -> float:
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:
+        return -1.0
+    return q / p if q > 0 and p > 0 else -1.0
+
+
+def read_cpu_budget(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> CpuBudget:
+    """This process's CPU budget: its affinity and its cgroup quota (`root`, `self_cgroup`:
+    where to read the cgroup files; tests point them at fakes)."""
+    return CpuBudget(affinity_count(), cgroup_cpu_quota(root, self_cgroup))
+
+
+def cpu_instances(groups: list[InstanceGroup]) -> int:
+    """A model's instances that run on the CPU (kind cpu, inline and auto), at least 1.
+
+    `auto` counts as CPU: where the backend reads it, whether a GPU will be found is not
+    known yet, and a GPU instance needs few CPU threads anyway."""
+    return max(1, sum(g.count for g in groups if g.kind != "gpu"))
+
+
+def threads_per_instance(usable: int, instances: int) -> int:
+    """Threads per instance: `max(1, (usable - 1) // instances)` when `usable > 1`, else 1.
+    One core is left to the frontend (gRPC, HTTP, batching), the rest shared out."""
+    if usable <= 1:
+        return 1
+    return max(1, (usable - 1) // max(1, instances))
+
+
+def shares_cores(usable: int, instances: int, threads: int) -> bool:
+    """Whether `instances` x `threads` busy threads plus the frontend's need more cores than
+    `usable`: then a spinning thread takes the core another needs, so spinning should be off."""
+    return instances * threads + 1 > usable
