@@ -1,14 +1,22 @@
 """ONNX Runtime backend: CPU execution provider, CUDA execution provider on GPU instances.
 
 Parameters (config.yaml `parameters`):
-  intra_op_thread_count   threads inside one operator (ONNX Runtime's default: all cores)
-  inter_op_thread_count   threads across operators when execution_mode is parallel
+  intra_op_thread_count   threads inside one operator; 0 is ONNX Runtime's own default (every
+                          core). Default: fitted to the cores this process may use
+                          (`cpu_budget`), shared among the model's CPU instances
+  inter_op_thread_count   threads across operators when execution_mode is parallel (default:
+                          as intra_op_thread_count in parallel mode, unset otherwise)
+  allow_spinning          whether idle pool threads spin ("1") or sleep ("0"); default: off
+                          where the instances' threads and the frontend would share a core
   execution_mode          "sequential" (default) or "parallel"
   graph_optimization_level  "disable", "basic", "extended" or "all" (default)
+  thread_defaults         written by Tiffin into the completed config: which of the three
+                          thread settings it chose, and from what (a value given is replaced)
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,9 +24,18 @@ from typing import Any
 import numpy as np
 
 from tiffin.protos.errors import InvalidInput
-from tiffin.protos.model_config import ModelConfig, TensorConfig, dims_within
+from tiffin.protos.model_config import ModelConfig, ParameterValue, TensorConfig, dims_within
 
 from .base import Backend, Device, MissingDependency, reject_unknown_parameters
+from .cpu_budget import (
+    CpuBudget,
+    cpu_instances,
+    read_cpu_budget,
+    shares_cores,
+    threads_per_instance,
+)
+
+log = logging.getLogger(__name__)
 
 # ONNX type strings as onnxruntime reports them -> wire datatypes.
 _ONNX_TYPES = {
@@ -40,9 +57,12 @@ _ONNX_TYPES = {
 PARAMETERS = (
     "intra_op_thread_count",
     "inter_op_thread_count",
+    "allow_spinning",
     "execution_mode",
     "graph_optimization_level",
+    "thread_defaults",
 )
+THREAD_NOTE = "thread_defaults"
 
 # Triton's ONNX Runtime backend completes max_batch_size to 4 for models whose
 # every tensor has a variable first dimension; so do we.
@@ -133,6 +153,105 @@ def _complete_tensors(
     return completed
 
 
+def _thread_count(params: dict[str, ParameterValue], name: str) -> int | None:
+    """An explicit thread count, or None when the config leaves it out."""
+    if name not in params:
+        return None
+    value = params[name]
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise ValueError(
+            f"parameters.{name} must be a whole number >= 0 (0: ONNX Runtime's own default, "
+            f"every core), got '{value}'"
+        )
+    return count
+
+
+def _flag(params: dict[str, ParameterValue], name: str) -> bool | None:
+    """An explicit on/off parameter ("1"/"0", true/false), or None when left out."""
+    if name not in params:
+        return None
+    value = params[name]
+    text = str(value).strip().lower()
+    if text in ("1", "true"):
+        return True
+    if text in ("0", "false"):
+        return False
+    raise ValueError(f"parameters.{name} must be 1 or 0 (true or false), got '{value}'")
+
+
+def thread_settings(
+    config: ModelConfig, budget: CpuBudget
+) -> tuple[dict[str, ParameterValue], str]:
+    """`config.parameters` with the thread settings it leaves out chosen for `budget`, and a
+    sentence saying what was chosen ("" when the config sets them all).
+
+    intra_op_thread_count: `threads_per_instance(usable cores, CPU instances)`;
+    inter_op_thread_count: the same in parallel execution mode (unset otherwise, where ONNX
+    Runtime does not use it); allow_spinning: off when the instances' threads and the frontend
+    would share a core. A GPU instance's CPU-side pool follows the same rule. Raises ValueError
+    for a malformed explicit value.
+    """
+    params = {k: v for k, v in config.parameters.items() if k != THREAD_NOTE}
+    instances = cpu_instances(config.instance_group)
+    usable = budget.usable
+    parallel = str(params.get("execution_mode", "sequential")) == "parallel"
+    intra = _thread_count(params, "intra_op_thread_count")
+    inter = _thread_count(params, "inter_op_thread_count")
+    spinning = _flag(params, "allow_spinning")
+    chosen: list[str] = []
+    if intra is None:
+        intra = threads_per_instance(usable, instances)
+        params["intra_op_thread_count"] = str(intra)
+        chosen.append("intra_op_thread_count")
+    if inter is None and parallel:
+        inter = threads_per_instance(usable, instances)
+        params["inter_op_thread_count"] = str(inter)
+        chosen.append("inter_op_thread_count")
+    if spinning is None:
+        # 0 means ONNX Runtime sizes the pool itself: about every core.
+        busy = (intra or budget.affinity) + ((inter or budget.affinity) if parallel else 0)
+        spinning = not shares_cores(usable, instances, busy)
+        params["allow_spinning"] = "1" if spinning else "0"
+        chosen.append("allow_spinning")
+    if not chosen:
+        return params, ""
+    shared = f"shared by {instances} CPU instance{'s' if instances != 1 else ''} and the server"
+    params[THREAD_NOTE] = f"{', '.join(chosen)} chosen by Tiffin: {budget.describe()}, {shared}"
+    threads = f"{intra} intra-op thread{'s' if intra != 1 else ''}"
+    if parallel:
+        threads += f", {inter} inter-op thread{'s' if inter != 1 else ''}"
+    explicit = [
+        name
+        for name in ("intra_op_thread_count", "inter_op_thread_count", "allow_spinning")
+        if name in config.parameters
+    ]
+    sentence = (
+        f"model '{config.name}': {threads} per instance ({usable} usable "
+        f"core{'s' if usable != 1 else ''}, {instances} instance{'s' if instances != 1 else ''})"
+        f", spinning {'on' if spinning else 'off'}"
+    )
+    if explicit:
+        sentence += f"; from the config: {', '.join(explicit)}"
+    return params, sentence
+
+
+# model name -> the thread sentence last logged for it: the repository is read again on every
+# poll and reload, and the choice is said once, and again only when it changes.
+_announced: dict[str, str] = {}
+
+
+def _announce(name: str, sentence: str) -> None:
+    if sentence and _announced.get(name) != sentence:
+        _announced[name] = sentence
+        log.info("%s", sentence)
+
+
 class OnnxRuntimeBackend(Backend):
     """Runs `model.onnx` with ONNX Runtime."""
 
@@ -170,11 +289,14 @@ class OnnxRuntimeBackend(Backend):
             )
         batch = max_batch > 0
         reject_unknown_parameters(config, PARAMETERS, "onnxruntime")
+        parameters, sentence = thread_settings(config, read_cpu_budget())
+        _announce(config.name, sentence)
         return config.model_copy(
             update={
                 "backend": cls.name,
                 "platform": config.platform or "onnxruntime_onnx",
                 "max_batch_size": max_batch,
+                "parameters": parameters,
                 "inputs": _complete_tensors(
                     config.inputs, inputs, batch, "input", require_all=True
                 ),
@@ -193,11 +315,14 @@ class OnnxRuntimeBackend(Backend):
     def load(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
         ort = _import_ort()
         options = ort.SessionOptions()
-        params = config.parameters
-        if "intra_op_thread_count" in params:
-            options.intra_op_num_threads = int(params["intra_op_thread_count"])
+        # complete_config chose these already; a config that skipped it gets the same rule.
+        params, _ = thread_settings(config, read_cpu_budget())
+        options.intra_op_num_threads = int(params["intra_op_thread_count"])
         if "inter_op_thread_count" in params:
             options.inter_op_num_threads = int(params["inter_op_thread_count"])
+        spinning = "1" if _flag(params, "allow_spinning") else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
         if str(params.get("execution_mode", "sequential")) == "parallel":
             options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
         level = str(params.get("graph_optimization_level", "all"))
