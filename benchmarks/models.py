@@ -167,6 +167,7 @@ class RepositoryOptions:
     instance_count: int = 1
     max_queue_delay_us: int = 0
     max_batch_size: int = 64
+    thread_parameters: bool = True  # False: no intra_op_thread_count, the backend's default
 
 
 def config_yaml(options: RepositoryOptions) -> str:
@@ -176,6 +177,7 @@ def config_yaml(options: RepositoryOptions) -> str:
             f"instance kind must be one of {', '.join(INSTANCE_KINDS)}, "
             f"got '{options.instance_kind}'"
         )
+    parameters = "parameters:\n  intra_op_thread_count: 1\n" if options.thread_parameters else ""
     return (
         "backend: onnxruntime\n"
         f"max_batch_size: {options.max_batch_size}\n"
@@ -184,8 +186,7 @@ def config_yaml(options: RepositoryOptions) -> str:
         "instance_group:\n"
         f"  - kind: {options.instance_kind}\n"
         f"    count: {options.instance_count}\n"
-        "parameters:\n"
-        "  intra_op_thread_count: 1\n"
+        f"{parameters}"
     )
 
 
@@ -232,6 +233,12 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="dynamic_batching.max_queue_delay_microseconds",
     )
+    parser.add_argument(
+        "--default-threads",
+        action="store_true",
+        help="leave intra_op_thread_count: 1 out of config.yaml, as a user's first config "
+        "does: the backend chooses the threads (the limit then uses its choice too)",
+    )
 
 
 def repository_options(args: argparse.Namespace) -> RepositoryOptions:
@@ -239,6 +246,7 @@ def repository_options(args: argparse.Namespace) -> RepositoryOptions:
         instance_kind=args.instance_kind,
         instance_count=args.instance_count,
         max_queue_delay_us=args.max_queue_delay_us,
+        thread_parameters=not args.default_threads,
     )
 
 
