@@ -2,14 +2,54 @@
 
 A pipeline's own config.yaml can only be checked for shape (which tensors connect);
 whether the datatypes and shapes agree needs the step models' configs, so this runs
-when the pipeline loads (and in `serverctl validate`), after its step models.
+when the pipeline loads (and in `serverctl validate`), after its step models: first
+`step_configs` finds the version each step calls, then `complete_pipeline` checks that they
+connect.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from tiffin.protos.model_config import ModelConfig, PipelineStep, TensorConfig, dims_agree
+
+#: What `step_configs` knows of a model a step calls: the configs of its versions that can
+#: serve (loaded, or for `serverctl validate` those that would load), and why it has none if
+#: that is known; None when there is no such model.
+StepModel = tuple[Mapping[int, ModelConfig], str] | None
+
+
+class StepNotReady(ValueError):
+    """A step's model, or the version it pins, cannot serve; `model` names that model."""
+
+    def __init__(self, message: str, model: str) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+def step_configs(config: ModelConfig, find: Callable[[str], StepModel]) -> dict[int, ModelConfig]:
+    """The config of the model version each step of a pipeline calls, by step index: the
+    version the step pins, or (version -1) the newest that can serve. `find(model)` tells what
+    can serve. StepNotReady naming the step and the model when one cannot be called."""
+    assert config.pipeline is not None, "step_configs() needs a pipeline config"
+    configs = {}
+    for i, step in enumerate(config.pipeline.steps):
+        found = find(step.model)
+        if found is None:
+            raise StepNotReady(
+                f"step {i + 1} calls model '{step.model}': no such model", step.model
+            )
+        versions, why = found
+        version = max(versions) if step.version == -1 and versions else step.version
+        if version not in versions:
+            which = "no ready version" if step.version == -1 else f"no ready version {version}"
+            raise StepNotReady(
+                f"step {i + 1} calls model '{step.model}', which has {which}"
+                + (f" ({why})" if why else ""),
+                step.model,
+            )
+        configs[i] = versions[version]
+    return configs
 
 
 def _text(shape: list[int]) -> str:

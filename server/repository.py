@@ -10,10 +10,16 @@ model files must resolve, after links, to inside the model folder; and a backend
 import path must be on the allow-list. A model folder itself may be a link (to a model kept
 elsewhere): the repository's own entries are its owner's choice, and everything inside the
 model is then held to the folder it links to.
+
+Two kinds of finding are not faults of the repository: a version that cannot load because
+this environment lacks something optional (PyTorch, ONNX Runtime; `VersionSpec.environment`),
+and a folder in a model folder that is not a version number (`ModelSpec.warnings`, also
+logged), which is ignored.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,12 +30,15 @@ from pydantic import ValidationError
 
 from tiffin.backends import (
     ALLOWED_BACKENDS_VARIABLE,
+    MissingDependency,
     get_backend,
     parse_allowed_backends,
     resolve_backend_name,
 )
 from tiffin.protos.model_config import ModelConfig
 from tiffin.protos.names import name_problem
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 
@@ -60,6 +69,8 @@ class VersionSpec:
     path: Path
     config: ModelConfig | None  # None when the version is broken
     error: str = ""
+    # The error names what this environment lacks (a framework), not a fault of the files.
+    environment: bool = False
 
 
 @dataclass
@@ -70,11 +81,18 @@ class ModelSpec:
     path: Path
     error: str = ""  # a problem with the model as a whole (its config)
     versions: list[VersionSpec] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what is ignored, and why
 
     @property
     def problems(self) -> list[str]:
+        """The faults of the model's files: why it, or a version of it, cannot load."""
         found = [self.error] if self.error else []
-        return found + [v.error for v in self.versions if v.error]
+        return found + [v.error for v in self.versions if v.error and not v.environment]
+
+    @property
+    def environment_problems(self) -> list[str]:
+        """Why versions cannot load in this environment, though their files are fine."""
+        return [v.error for v in self.versions if v.error and v.environment]
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
@@ -112,8 +130,23 @@ def read_config(config_file: Path) -> ModelConfig:
         raise ValueError(_describe_validation_error(config_file, exc)) from None
 
 
-def _version_folders(model_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+def _version_folders(model_dir: Path) -> tuple[list[int], list[str]]:
+    """The version numbers of a model folder's version folders, and a warning for each other
+    folder (hidden ones and those starting with an underscore aside): it is not served."""
+    versions, warnings = [], []
+    for path in sorted(model_dir.iterdir()):
+        if not path.is_dir() or path.name.startswith((".", "_")):
+            continue
+        if path.name.isdigit():
+            versions.append(int(path.name))
+            continue
+        digits = "".join(c for c in path.name if c.isdigit())
+        hint = f"; to serve it as version {int(digits)}, rename it {int(digits)}" if digits else ""
+        warnings.append(
+            f"{path}: not a version folder (a version folder is named by its version number, "
+            f"such as 1), so it is ignored{hint}"
+        )
+    return sorted(versions), warnings
 
 
 def read_model(model_dir: Path, allowed_backends: Sequence[str] | None = None) -> ModelSpec:
@@ -130,6 +163,9 @@ def read_model(model_dir: Path, allowed_backends: Sequence[str] | None = None) -
         return spec
     if allowed_backends is None:
         allowed_backends = allowed_backends_from_env()
+    available, spec.warnings = _version_folders(model_dir)
+    for warning in spec.warnings:
+        log.warning("model '%s': %s", spec.name, warning)
     real_dir = model_dir.resolve()
     config_file = model_dir / CONFIG_FILE
     if not config_file.is_file():
@@ -149,7 +185,6 @@ def read_model(model_dir: Path, allowed_backends: Sequence[str] | None = None) -
             f"{config_file}: name: '{config.name}' does not match the folder name "
             f"'{model_dir.name}'"
         )
-    available = _version_folders(model_dir)
     # A version folder that is a link out of the model folder is never looked into.
     outside = {
         v: reason
@@ -213,6 +248,11 @@ def read_model(model_dir: Path, allowed_backends: Sequence[str] | None = None) -
                 VersionSpec(
                     version, version_dir, None, f"{error} (after completing from {model_file})"
                 )
+            )
+            continue
+        except MissingDependency as exc:
+            spec.versions.append(
+                VersionSpec(version, version_dir, None, f"{model_file}: {exc}", environment=True)
             )
             continue
         except (ValueError, RuntimeError) as exc:

@@ -258,7 +258,7 @@ def test_validate_reports_pipeline_problems(repository: Path) -> None:
     assert result.returncode == 1, result.stdout
     assert "ok      twice (version 1)" in result.stdout
     assert "ok      a_quadruple (version 1)" in result.stdout  # its step is a pipeline
-    assert "pipeline.steps[0]: model 'no_such_model' has no usable version" in result.stdout
+    assert "pipeline: step 1 calls model 'no_such_model': no such model" in result.stdout
     assert "input 'INPUT0' is FP32, but it reads 's', which is INT32" in result.stdout
 
 
