@@ -439,6 +439,13 @@ def test_model_py_import_is_bounded_and_kept_out_of_validate(tmp_path: Path, cap
     _python_model(tmp_path, "slow", "import time\ntime.sleep(60)\n")
     _python_model(tmp_path, "exits", "import sys\nsys.exit(3)\n")
     _python_model(tmp_path, "good", GOOD_MODEL_PY)
+    # A thread model.py starts does not hold the check up once the class is found.
+    _python_model(
+        tmp_path,
+        "threads",
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\n"
+        + GOOD_MODEL_PY,
+    )
     _python_model(
         tmp_path,
         "named",
@@ -450,6 +457,7 @@ def test_model_py_import_is_bounded_and_kept_out_of_validate(tmp_path: Path, cap
     assert status == 1
     reports = parse_report(out)
     assert reports["good"].status == "ok"
+    assert reports["threads"].status == "ok", reports["threads"].text
     assert "slow/1/model.py: importing it did not finish within 3 s" in reports["slow"].text
     assert "exits/1/model.py: importing it ended the process (exit status 3)" in (
         reports["exits"].text

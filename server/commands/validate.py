@@ -50,7 +50,8 @@ IMPORT_TIMEOUT = 60.0
 
 # Runs in a process of its own: imports model.py as an instance's load does and answers, as
 # JSON on the original stdout, the class to serve or why there is none. What model.py prints
-# goes to stderr instead, so that it cannot be mistaken for the answer.
+# goes to stderr instead, so that it cannot be mistaken for the answer; threads it started
+# cannot keep the process from ending once it has answered.
 _IMPORT_CHECK = """\
 import json, os, sys
 from pathlib import Path
@@ -63,6 +64,7 @@ except PythonModelError as exc:
     found = {"error": str(exc)}
 answer.write(json.dumps(found))
 answer.close()
+os._exit(0)
 """
 
 
@@ -209,9 +211,9 @@ def _import_problem(model_file: Path, class_name: str, timeout: float) -> str:
     try:
         answer = json.loads(found.stdout)
     except ValueError:
-        last = (found.stderr.strip().splitlines() or ["no output"])[-1]
-        return (
-            f"{model_file}: importing it ended the process (exit status {found.returncode}): {last}"
+        said = found.stderr.strip().splitlines()
+        return f"{model_file}: importing it ended the process (exit status {found.returncode})" + (
+            f": {said[-1]}" if said else ""
         )
     return str(answer.get("error", ""))
 
