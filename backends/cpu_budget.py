@@ -89,7 +89,7 @@ def _up_from(base: Path, own: str | None) -> Iterator[Path]:
     """`base/own` and each folder above it up to `base`: a cgroup's limit holds for every
     cgroup below it. Inside a container `own` is often not under `base` (base is the
     container's own cgroup already); the walk then ends at `base` alone."""
-    relative = PurePosixPath(own or "/").relative_to("/")
+    relative = PurePosixPath((own or "").lstrip("/"))
     if ".." in relative.parts:
         relative = PurePosixPath()
     while True:
@@ -99,7 +99,7 @@ def _up_from(base: Path, own: str | None) -> Iterator[Path]:
         relative = relative.parent
 
 
-def _read_ints(path: Path) -> list[str] | None:
+def _fields(path: Path) -> list[str] | None:
     try:
         return path.read_text().split()
     except OSError:
@@ -113,13 +113,13 @@ def cgroup_cpu_quota(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) 
     own = _own_cgroups(self_cgroup)
     limits: list[float] = []
     for folder in _up_from(root, own.get("")):
-        fields = _read_ints(folder / "cpu.max")  # "max 100000" or "150000 100000"
+        fields = _fields(folder / "cpu.max")  # "max 100000" or "150000 100000"
         if fields and len(fields) == 2 and fields[0] != "max":
             limits.append(_ratio(fields[0], fields[1]))
     for mount in _V1_CPU_MOUNTS:
         for folder in _up_from(root / mount, own.get("cpu")):
-            quota = _read_ints(folder / "cpu.cfs_quota_us")  # -1: no limit
-            period = _read_ints(folder / "cpu.cfs_period_us")
+            quota = _fields(folder / "cpu.cfs_quota_us")  # -1: no limit
+            period = _fields(folder / "cpu.cfs_period_us")
             if quota and period:
                 limits.append(_ratio(quota[0], period[0]))
     limits = [x for x in limits if x > 0]

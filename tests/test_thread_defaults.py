@@ -98,6 +98,9 @@ def test_cgroup_v2_the_tightest_quota_on_the_process_path_wins(tmp_path):
     assert cgroup_cpu_quota(root, own) == 3.0
     _write(root / "app.slice" / "tiffin.service" / "cpu.max", "200000 100000\n")
     assert cgroup_cpu_quota(root, own) == 2.0
+    _write(root / "cpu.max", "100000 100000\n")
+    _write(own, "0::/../app.slice\n")  # a path out of the root is not followed: the root only
+    assert cgroup_cpu_quota(root, own) == 1.0
 
 
 def test_cgroup_v1_cfs_quota_and_period_set_the_quota(tmp_path):
