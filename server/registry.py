@@ -33,7 +33,7 @@ from tiffin.protos.names import name_problem, parse_version, shown
 from tiffin.scheduler import Executor, InferenceRequest, InferenceResponse, ModelKey, Scheduler
 from tiffin.scheduler.statistics import ModelStatistics
 
-from .pipelines import complete_pipeline
+from .pipelines import StepModel, complete_pipeline, step_configs
 from .repository import ModelSpec, VersionSpec, read_model, read_repository
 
 log = logging.getLogger(__name__)
@@ -365,25 +365,23 @@ class ModelRegistry:
         return VersionState(spec, READY, "", executor)
 
     def _step_configs(self, spec: VersionSpec) -> dict[int, ModelConfig]:
-        """The config of the model version each pipeline step calls; ValueError if not ready."""
-        assert spec.config is not None and spec.config.pipeline is not None
+        """The config of the model version each pipeline step calls (the checks and words
+        `serverctl validate` uses); ValueError naming the step when one cannot be called."""
+        assert spec.config is not None
+        return step_configs(spec.config, self._step_model)
+
+    def _step_model(self, name: str) -> StepModel:
+        """What a pipeline step may call of a model: its ready versions' configs, and why the
+        model is unavailable if it is; None for a model this server does not know."""
+        state = self._models.get(name)
+        if state is None:
+            return None
         configs = {}
-        for i, step in enumerate(spec.config.pipeline.steps):
-            state = self._models.get(step.model)
-            if state is None:
-                raise ValueError(f"step {i + 1} calls model '{step.model}', which does not exist")
-            ready = state.ready_versions()
-            version = ready[-1] if step.version == -1 and ready else step.version
-            if version not in ready:
-                which = "no ready version" if step.version == -1 else f"no ready version {version}"
-                raise ValueError(
-                    f"step {i + 1} calls model '{step.model}', which has {which}"
-                    + (f" ({state.error})" if state.error else "")
-                )
-            executor = state.versions[version].executor
+        for number in state.ready_versions():
+            executor = state.versions[number].executor
             assert executor is not None
-            configs[i] = executor.config
-        return configs
+            configs[number] = executor.config
+        return configs, state.error
 
     async def _recheck_pipelines(self, changed: str) -> None:
         """Reloads each pipeline that calls `changed` when whether it can run, or the config
