@@ -102,14 +102,38 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return path or "(top level)"
 
 
+# What a field of a given kind must be, for pydantic's type errors, in a config's words.
+_EXPECTED = {
+    "list_type": "a list, such as [4] or [-1, 3]",
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "text",
+    "dict_type": "a mapping of names to values",
+    "model_type": "a mapping of fields",
+}
+
+
+def _shown_value(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _describe_validation_error(config_file: Path, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        kind = err["type"]
+        if kind == "extra_forbidden":
             message = "unknown field (check its spelling against the configuration reference)"
-        elif err["type"] == "missing":
+        elif kind == "missing":
             message = "required field is missing"
+        elif kind in _EXPECTED:
+            message = f"is {_shown_value(err['input'])}, but it must be {_EXPECTED[kind]}"
         lines.append(f"{config_file}: {_field_path(err['loc'])}: {message}")
     return "\n".join(lines)
 

@@ -475,3 +475,27 @@ def test_serverctl_validate_exit_status(tmp_path: Path, broken: bool) -> None:
         assert "8 model(s), 8 problem(s)" in proc.stdout
     else:
         assert "1 model(s), 0 problem(s)" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        (
+            "inputs: [{name: x, datatype: FP32, dims: 4}]",
+            "inputs[0].dims: is 4, but it must be a list",
+        ),
+        (
+            "inputs: [{name: x, datatype: FP32, dims: [abc]}]",
+            "inputs[0].dims[0]: is 'abc', but it must be a whole number",
+        ),
+        ("max_batch_size: lots", "max_batch_size: is 'lots', but it must be a whole number"),
+    ],
+)
+def test_config_type_errors_say_what_is_expected(tmp_path: Path, line: str, expected: str) -> None:
+    """A wrong type in config.yaml reads as the value and what it must be, not pydantic's
+    'Input should be a valid list'."""
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "config.yaml").write_text(f"backend: onnxruntime\n{line}\n")
+    spec = read_model(tmp_path / "m")
+    assert expected in spec.error, spec.error
+    assert "Input should be" not in spec.error
