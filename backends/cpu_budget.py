@@ -12,6 +12,7 @@ leaving one core to the frontend. Other models on the same server are not counte
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from tiffin.protos.model_config import InstanceGroup
+
+log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SELF_CGROUP = Path("/proc/self/cgroup")
@@ -160,3 +163,19 @@ def shares_cores(usable: int, instances: int, threads: int) -> bool:
     """Whether `instances` x `threads` busy threads plus the frontend's need more cores than
     `usable`: then a spinning thread takes the core another needs, so spinning should be off."""
     return instances * threads + 1 > usable
+
+
+# The parameter saying which thread settings Tiffin chose, and from what (backends add it
+# to the completed config, so ModelConfig shows it).
+THREAD_NOTE = "thread_defaults"
+
+# model name -> the thread sentence last logged for it: the repository is read again on every
+# poll and reload, and the choice is said once, and again only when it changes.
+_announced: dict[str, str] = {}
+
+
+def announce(name: str, sentence: str) -> None:
+    """Logs a model's thread choice once, and again only when it changes."""
+    if sentence and _announced.get(name) != sentence:
+        _announced[name] = sentence
+        log.info("%s", sentence)

@@ -28,7 +28,9 @@ from tiffin.protos.model_config import ModelConfig, ParameterValue, TensorConfig
 
 from .base import Backend, Device, MissingDependency, reject_unknown_parameters
 from .cpu_budget import (
+    THREAD_NOTE,
     CpuBudget,
+    announce,
     cpu_instances,
     read_cpu_budget,
     shares_cores,
@@ -62,7 +64,6 @@ PARAMETERS = (
     "graph_optimization_level",
     "thread_defaults",
 )
-THREAD_NOTE = "thread_defaults"
 
 # Triton's ONNX Runtime backend completes max_batch_size to 4 for models whose
 # every tensor has a variable first dimension; so do we.
@@ -241,17 +242,6 @@ def thread_settings(
     return params, sentence
 
 
-# model name -> the thread sentence last logged for it: the repository is read again on every
-# poll and reload, and the choice is said once, and again only when it changes.
-_announced: dict[str, str] = {}
-
-
-def _announce(name: str, sentence: str) -> None:
-    if sentence and _announced.get(name) != sentence:
-        _announced[name] = sentence
-        log.info("%s", sentence)
-
-
 class OnnxRuntimeBackend(Backend):
     """Runs `model.onnx` with ONNX Runtime."""
 
@@ -290,7 +280,7 @@ class OnnxRuntimeBackend(Backend):
         batch = max_batch > 0
         reject_unknown_parameters(config, PARAMETERS, "onnxruntime")
         parameters, sentence = thread_settings(config, read_cpu_budget())
-        _announce(config.name, sentence)
+        announce(config.name, sentence)
         return config.model_copy(
             update={
                 "backend": cls.name,

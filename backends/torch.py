@@ -11,7 +11,9 @@ Parameters (config.yaml `parameters`):
                 (not for AOTInductor packages, whose kernels are compiled already); outputs
                 are converted back to the datatypes config.yaml declares
   num_threads   `torch.set_num_threads` in the process running the instance; for
-                `kind: inline` that is the server process, shared by every inline torch model
+                `kind: inline` that is the server process, shared by every inline torch model.
+                Left out, it follows the cores the server may use (backends/cpu_budget.py),
+                shared by the model's CPU instances and the server, and ModelConfig shows it
 
 Inputs are passed to the model's forward by argument name. Outputs: a returned tensor is the
 one config output; a tuple or list fills the config outputs in their declared order; a dict
@@ -54,6 +56,13 @@ from tiffin.protos.datatypes import DATATYPES
 from tiffin.protos.model_config import ModelConfig
 
 from .base import Backend, Device, MissingDependency, reject_unknown_parameters
+from .cpu_budget import (
+    THREAD_NOTE,
+    announce,
+    cpu_instances,
+    read_cpu_budget,
+    threads_per_instance,
+)
 from .torch_formats import (
     PLATFORMS,
     TORCH_TYPES,
@@ -77,7 +86,7 @@ from .torch_signature import (
     torchscript_writes_inputs,
 )
 
-PARAMETERS = ("autocast", "num_threads")
+PARAMETERS = ("autocast", "num_threads", THREAD_NOTE)
 AUTOCAST_DTYPES = ("float16", "bfloat16")
 
 # As the onnxruntime backend (and Triton's): a batching model left without max_batch_size
@@ -157,6 +166,31 @@ def _torch_device(torch: Any, device: Device) -> Any:
     return torch.device("cpu") if device.kind == "cpu" else torch.device("cuda", device.id)
 
 
+def _thread_defaults(config: ModelConfig) -> ModelConfig:
+    """`config` with num_threads chosen for the cores its instances may use, when it leaves
+    it out: torch's own default is every core of the machine, which fights the other
+    instances and the server on a smaller share of it."""
+    params = {k: v for k, v in config.parameters.items() if k != THREAD_NOTE}
+    if "num_threads" in params:
+        return config.model_copy(update={"parameters": params})
+    budget = read_cpu_budget()
+    instances = cpu_instances(config.instance_group)
+    threads = threads_per_instance(budget.usable, instances)
+    params["num_threads"] = str(threads)
+    plural = "s" if instances != 1 else ""
+    params[THREAD_NOTE] = (
+        f"num_threads chosen by Tiffin: {budget.describe()}, shared by {instances} CPU "
+        f"instance{plural} and the server"
+    )
+    announce(
+        config.name,
+        f"model '{config.name}': {threads} torch thread{'s' if threads != 1 else ''} per "
+        f"instance ({budget.usable} usable core{'s' if budget.usable != 1 else ''}, "
+        f"{instances} instance{plural})",
+    )
+    return config.model_copy(update={"parameters": params})
+
+
 class TorchBackend(Backend):
     """Runs `model.pt2` (torch.export or AOTInductor) or `model.pt` (TorchScript) with
     PyTorch, in inference mode."""
@@ -184,6 +218,7 @@ class TorchBackend(Backend):
         tensors. Raises ValueError naming both sides of a mismatch."""
         fmt = model_format(model_path)
         _settings(config, fmt)
+        config = _thread_defaults(config)
         for t in [*config.inputs, *config.outputs]:
             if t.datatype not in TORCH_TYPES:
                 raise ValueError(

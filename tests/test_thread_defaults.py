@@ -16,7 +16,7 @@ import tritonclient.grpc as tc
 import tritonclient.http as th
 
 from models import identity, write_model
-from tiffin.backends import Device
+from tiffin.backends import Device, cpu_budget
 from tiffin.backends import onnxruntime as ort_backend
 from tiffin.backends.cpu_budget import (
     CpuBudget,
@@ -256,13 +256,13 @@ def test_malformed_thread_parameters_are_named(parameters, message):
 def one_core(monkeypatch):
     """The backend sees a one-core budget whatever the machine."""
     monkeypatch.setattr(ort_backend, "read_cpu_budget", lambda: CpuBudget(1))
-    monkeypatch.setattr(ort_backend, "_announced", {})
+    monkeypatch.setattr(cpu_budget, "_announced", {})
 
 
 def test_complete_config_fills_in_and_logs_once(tmp_path, one_core, caplog):
     model = identity(tmp_path / "1" / "model.onnx")
     config = ModelConfig(name="ident")
-    with caplog.at_level(logging.INFO, logger="tiffin.backends.onnxruntime"):
+    with caplog.at_level(logging.INFO, logger="tiffin.backends.cpu_budget"):
         completed = OnnxRuntimeBackend.complete_config(config, model)
         again = OnnxRuntimeBackend.complete_config(config, model)  # a repository poll
     assert completed == again

@@ -187,7 +187,7 @@ BROKEN = {
     "bad_ex_key": "config output 'triple' is not a key of the dict the model returns "
     "(its keys: double, neg)",
     "bad_param": "parameters threads are unknown to the torch backend; it reads autocast, "
-    "num_threads",
+    "num_threads, thread_defaults",
     "bad_autocast": "parameters.autocast must be one of float16, bfloat16, got 'float8'",
 }
 
@@ -565,3 +565,17 @@ def test_export_on_gpu_matches_cpu(make_server, files, tmp_path):
     half = client.infer("mlp_half", [tensor_input("features", x)]).as_numpy("OUTPUT__0")
     assert half.dtype == np.float32
     np.testing.assert_allclose(half, run(module, x), rtol=1e-2, atol=1e-2)
+
+
+def test_num_threads_follows_the_cores_when_left_out(files, monkeypatch) -> None:
+    """Left out, num_threads fits the cores the server may use (one here), and ModelConfig
+    says it was chosen; given, it wins."""
+    from tiffin.backends import torch as torch_backend
+    from tiffin.backends.cpu_budget import CpuBudget
+
+    monkeypatch.setattr(torch_backend, "read_cpu_budget", lambda: CpuBudget(1))
+    chosen = complete(files["mlp.pt2"])
+    assert chosen.parameters["num_threads"] == "1"
+    assert "num_threads chosen by Tiffin" in str(chosen.parameters["thread_defaults"])
+    given = complete(files["mlp.pt2"], "parameters: {num_threads: 3}")
+    assert given.parameters["num_threads"] == 3 and "thread_defaults" not in given.parameters
