@@ -1,8 +1,9 @@
 """The in-process limit: the model run by Tiffin's own backend code, no server, on one core.
 
 Pinned with os.sched_setaffinity to the server's core(s), onnxruntime with the repository's
-parameters (one intra-op thread). For each batch size it calls `Backend.infer` back to back and
-reports items/s and call latency; the best items/s over all batch sizes is *the limit*.
+parameters (one intra-op thread, or the server's defaults under --default-threads). For each
+batch size it calls `Backend.infer` back to back and reports items/s and call latency; the
+best items/s over all batch sizes is *the limit*.
 Run as `python -m benchmarks limit --models mlp --cpus 1 --json` (the runner does so).
 """
 

@@ -134,9 +134,14 @@ def _header(run: dict) -> list[str]:
         f"streams (perf_analyzer: one per concurrency slot); model instances: "
         f"{settings['instance_kind']} × {settings['instance_count']}, max_queue_delay "
         f"{settings['max_queue_delay_us']} µs",
-        "- limit: best in-process items/s (Tiffin's onnxruntime backend, 1 intra-op thread, "
-        "server cpu); echo: the better echo server for the same client, mode and concurrency; "
-        "ideal = 1 / (1/limit + 1/echo)",
+        "- limit: best in-process items/s (Tiffin's onnxruntime backend, "
+        + (
+            "threads as the server chooses by default"
+            if settings.get("default_threads")
+            else "1 intra-op thread"
+        )
+        + ", server cpu); echo: the better echo server for the same client, mode and "
+        "concurrency; ideal = 1 / (1/limit + 1/echo)",
         "",
     ]
     return lines

@@ -442,6 +442,7 @@ def main(args: argparse.Namespace) -> int:
             "instance_kind": args.instance_kind,
             "instance_count": args.instance_count,
             "max_queue_delay_us": args.max_queue_delay_us,
+            "default_threads": args.default_threads,
         },
     }
     pa = None
