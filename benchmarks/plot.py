@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-STYLES = {"tiffin": "-", "tiffin-nohttp": "-.", "echo-sync": ":", "echo-aio": "--"}
+STYLES = {
+    "tiffin": "-",
+    "tiffin-nohttp": "-.",
+    "tiffin-nometrics": (0, (3, 1, 1, 1, 1, 1)),
+    "echo-sync": ":",
+    "echo-aio": "--",
+}
 COLOURS = {  # (mode, client) -> colour, so that a server's line matches its echo's
     ("unary", "lean"): "tab:blue",
     ("streaming", "lean"): "tab:orange",

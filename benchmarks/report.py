@@ -30,7 +30,11 @@ def _finite(value: Any) -> Any:
 
 
 # Tiffin as measured: with REST beside gRPC (as served by default), and with REST off.
-TIFFIN_TARGETS = {"tiffin": "Tiffin", "tiffin-nohttp": "Tiffin, REST off"}
+TIFFIN_TARGETS = {
+    "tiffin": "Tiffin",
+    "tiffin-nohttp": "Tiffin, REST off",
+    "tiffin-nometrics": "Tiffin, metrics off",
+}
 
 # perf_analyzer's modes -> the lean client's, for an echo figure measured only by the latter.
 _LEAN_MODE = {"unary_async": "unary"}

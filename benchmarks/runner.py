@@ -5,7 +5,8 @@
      every model x mode x client x concurrency (each load warms up, then measures; the `rest`
      client on the HTTP port, unary only), runs perf_analyzer against it when available, and
      stops it with SIGTERM; target `tiffin-nohttp` does the same with REST switched off
-     (--no-allow-http), to show what serving REST beside gRPC costs the gRPC path;
+     (--no-allow-http), to show what serving REST beside gRPC costs the gRPC path, and
+     `tiffin-nometrics` with metrics off (--no-allow-metrics), to show what metrics cost;
   3. measures the in-process limit on the same cpus;
   4. starts each echo server on the same cpus and drives it with the same load;
   5. writes run.json, results.md and results.png into --out, and prints the table.
@@ -46,7 +47,7 @@ from .models import spec as model_spec
 
 HELP = "Run Tiffin, the echo ceilings and the in-process limit, pinned; write JSON, table, plot."
 
-TARGETS = ("tiffin", "tiffin-nohttp", "echo-sync", "echo-aio")
+TARGETS = ("tiffin", "tiffin-nohttp", "tiffin-nometrics", "echo-sync", "echo-aio")
 DEFAULT_TARGETS = ("tiffin", "echo-sync", "echo-aio")
 ALL_CLIENTS = (*CLIENTS, "perf_analyzer")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -75,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--targets",
         default=",".join(DEFAULT_TARGETS),
-        help=f"servers to measure, any of {', '.join(TARGETS)} (tiffin-nohttp: REST off)",
+        help=f"servers to measure, any of {', '.join(TARGETS)} (tiffin-nohttp: REST off; "
+        "tiffin-nometrics: metrics off)",
     )
     parser.add_argument("--server-cpus", default="1", help="taskset list for the servers")
     parser.add_argument("--client-cpus", default="0", help="taskset list for the load")
@@ -472,7 +474,8 @@ def main(args: argparse.Namespace) -> int:
                     out / ("server.log" if target == "tiffin" else f"{target}.log"),
                     plan.models,
                     args.grpc_threads,
-                    http=target == "tiffin",
+                    http=target != "tiffin-nohttp",
+                    metrics=target != "tiffin-nometrics",
                 )
                 display.start(f"starting serverctl serve ({target})")
                 with _serving(start, target, plan.notes, stops) as server:

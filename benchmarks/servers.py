@@ -106,9 +106,11 @@ def start_tiffin(
     grpc_threads: int | None = None,
     timeout: float = 120.0,
     http: bool = True,
+    metrics: bool = True,
 ) -> ServerProcess:
     """`serverctl serve` pinned to `cpus`, once SERVING and every model in `models` ready;
-    with the REST front door on a free port (`http_url`), or off (`http` False)."""
+    with the REST front door on a free port (`http_url`), or off (`http` False), and the
+    metrics endpoint on a free port, or off (`metrics` False)."""
     port = free_port()
     command = [
         *serverctl(),
@@ -122,6 +124,7 @@ def start_tiffin(
     ]
     http_port = free_port() if http else 0
     command += ["--http-port", str(http_port)] if http else ["--no-allow-http"]
+    command += ["--metrics-port", str(free_port())] if metrics else ["--no-allow-metrics"]
     if grpc_threads is not None:
         command += ["--grpc-threads", str(grpc_threads)]
     server = ServerProcess(pinned(command, cpus), log_path, f"127.0.0.1:{port}")

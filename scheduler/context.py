@@ -55,6 +55,7 @@ class RequestContext:
         "metadata",
         "id",
         "model",
+        "version",
         "deadline",
         "principal",
         "trace",
@@ -75,6 +76,7 @@ class RequestContext:
         self.metadata: Mapping[str, str] = metadata or {}
         self.id = ""
         self.model = ""
+        self.version = ""  # the version serving it, once resolved
         self.deadline = deadline  # time.monotonic() after which the caller no longer waits
         self.principal = ""
         self.trace: dict[str, str] = {}

@@ -10,10 +10,13 @@ from importlib import metadata
 
 from tiffin.backends import parse_allowed_backends
 from tiffin.scheduler.arena import remove_stale_arenas
+from tiffin.scheduler.request import ModelKey
+from tiffin.scheduler.statistics import ModelStatistics
 
 from .dataplane import DataPlane, ServerState
 from .grpc import GrpcFrontDoor
 from .limits import message_limit
+from .observability import Metrics, MetricsEndpoint
 from .registry import ModelRegistry
 from .rest import RestFrontDoor
 from .settings import ServerSettings
@@ -40,6 +43,7 @@ class Server:
         self.settings = settings
         self.port = 0
         self.http_port = 0  # 0 while REST is off (--no-allow-http)
+        self.metrics_port = 0  # 0 while metrics are off (--no-allow-metrics)
         self._state = ServerState()
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
@@ -58,6 +62,12 @@ class Server:
         )
         # Request size limits and health follow every change of what serves.
         self._registry.subscribe(lambda event, key: self._models_changed())
+        self._metrics: MetricsEndpoint | None = None
+        if settings.allow_metrics:
+            metrics = Metrics(self._serving_statistics)
+            self.plane.chain.install("metrics", metrics.intercept)
+            self._registry.subscribe(metrics.model_event)
+            self._metrics = MetricsEndpoint(metrics)
         self._stopped = threading.Event()
         self._grpc: GrpcFrontDoor | None = None
         self._rest: RestFrontDoor | None = None
@@ -65,6 +75,10 @@ class Server:
     @property
     def registry(self) -> ModelRegistry:
         return self._registry
+
+    def _serving_statistics(self) -> list[tuple[ModelKey, ModelStatistics]]:
+        keys = [ModelKey(m.name, v) for m in self._registry.models() for v in m.ready_versions()]
+        return [(key, self._registry.statistics(key)) for key in keys]
 
     def start(self) -> None:
         s = self.settings
@@ -84,6 +98,9 @@ class Server:
         if s.allow_http:
             self._rest = RestFrontDoor(self.plane, self._registry, s, receive_limit)
             self.http_port = self._rest.start(s.host, s.http_port)
+        if self._metrics is not None:
+            self.metrics_port = self._metrics.start(s.host, s.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", s.host, self.metrics_port)
         asyncio.run_coroutine_threadsafe(self._registry.load_all(specs), self._loop).result()
         self._state.loaded = True
         self._models_changed()
@@ -116,6 +133,8 @@ class Server:
         if self._rest is not None:  # in-flight REST requests ran meanwhile: one grace for both
             self._rest.stop(max(0.0, grace - (time.monotonic() - began)))
         asyncio.run_coroutine_threadsafe(self._registry.unload_all(), self._loop).result()
+        if self._metrics is not None:
+            self._metrics.stop()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=5)
         self._stopped.set()

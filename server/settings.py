@@ -33,6 +33,15 @@ class ServerSettings(BaseModel):
     allow_http: bool = Field(
         True, description="Serve the KServe v2 HTTP/REST protocol on --http-port (Triton's flag)."
     )
+    metrics_port: int = Field(
+        8002,
+        ge=0,
+        le=65535,
+        description="Prometheus metrics port (GET /metrics); 0 picks a free one.",
+    )
+    allow_metrics: bool = Field(
+        True, description="Serve Prometheus metrics on --metrics-port (Triton's flag)."
+    )
     http_max_inflight: int = Field(
         256,
         ge=1,

@@ -124,6 +124,7 @@ def validate(
 ) -> InferenceRequest:
     """Checks a request against the model's config and decodes its tensors."""
     model = key.name
+    context.version = str(key.version)
     _check_parameters(request.parameters, model)
     declared = {t.name: t for t in config.inputs}
     claims: list[tuple[WireTensor, TensorConfig]] = []

@@ -64,6 +64,8 @@ class ServerProcess:
         # Every server gets its own HTTP port too: parallel servers never meet on 8000.
         self.http_port = free_port()
         self.http_url = f"127.0.0.1:{self.http_port}"
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"tiffin-serve-{self.port}.log"
         self._log = open(self.log_path, "w+b")
         self.proc = subprocess.Popen(
@@ -78,6 +80,8 @@ class ServerProcess:
                 str(self.port),
                 "--http-port",
                 str(self.http_port),
+                "--metrics-port",
+                str(self.metrics_port),
                 *extra,
             ],
             stdout=self._log,

@@ -38,6 +38,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         model_repository=Path(repo),
         grpc_port=0,
         allow_http=False,
+        metrics_port=0,
         allowed_backends="toy_backends",
     )
     server = Server(settings)

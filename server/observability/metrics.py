@@ -1,0 +1,229 @@
+"""Prometheus metrics, read from what every request and batch already records.
+
+Requests are counted in an `on_finish` callback that the "metrics" interceptor puts on
+each inference call's context, from its timeline's stamps: nothing is timed a second time.
+Batches (items, executions, batch sizes) are read at scrape time from the statistics each
+executor keeps anyway, so the hot path pays one lock and a few additions per request.
+
+The text format is written here rather than with prometheus_client: its labelled
+histograms cost several microseconds per request, a measurable share of a small model's.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TypeVar
+
+from tiffin.scheduler.context import RequestContext
+from tiffin.scheduler.request import ModelKey
+from tiffin.scheduler.statistics import ModelStatistics
+
+T = TypeVar("T")
+
+# Seconds; from 50 µs (a small model's queue wait) to 30 s (a large model's request).
+BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_BOUNDS_NS = [round(b * 1e9) for b in BUCKETS]
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Histogram:
+    """Counts per bucket (the last one past every bound) and the sum, in nanoseconds."""
+
+    __slots__ = ("counts", "total_ns")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_BOUNDS_NS) + 1)
+        self.total_ns = 0
+
+    def observe(self, ns: int) -> None:
+        self.counts[bisect_left(_BOUNDS_NS, ns)] += 1
+        self.total_ns += ns
+
+
+class _Durations:
+    """The histograms of one model version."""
+
+    __slots__ = ("request", "queue", "compute")
+
+    def __init__(self) -> None:
+        self.request, self.queue, self.compute = Histogram(), Histogram(), Histogram()
+
+
+class Metrics:
+    """The server's metrics: `intercept` goes in the chain's "metrics" slot, `model_event`
+    is a registry subscriber, `render()` is the exposition text."""
+
+    def __init__(self, statistics: Callable[[], Iterable[tuple[ModelKey, ModelStatistics]]]):
+        self._statistics = statistics  # every serving version's statistics, read at scrape
+        self._lock = threading.Lock()
+        self._requests: dict[tuple[str, str, str, str], int] = {}
+        self._durations: dict[tuple[str, str], _Durations] = {}
+        self._events: dict[tuple[str, str, str], int] = {}
+
+    def intercept(self, context: RequestContext, proceed: Callable[[], T]) -> T:
+        """The "metrics" interceptor: inference calls are counted once they are answered."""
+        if context.operation == "infer":
+            context.on_finish.append(self._finished)
+        return proceed()
+
+    def _finished(self, context: RequestContext) -> None:
+        t = context.timeline
+        queue = t.between("queued", "batch_start")
+        compute = t.between("compute_start", "compute_end")
+        counted = (context.model, context.version, context.front_door, context.status)
+        with self._lock:
+            self._requests[counted] = self._requests.get(counted, 0) + 1
+            durations = self._durations.get(counted[:2])
+            if durations is None:
+                durations = self._durations[counted[:2]] = _Durations()
+            durations.request.observe(t.sent - t.received)
+            if queue:
+                durations.queue.observe(queue)
+            if compute:
+                durations.compute.observe(compute)
+
+    def model_event(self, event: str, key: ModelKey) -> None:
+        """A registry subscriber: counts loads, unloads, swaps and failures."""
+        counted = (key.name, str(key.version), event)
+        with self._lock:
+            self._events[counted] = self._events.get(counted, 0) + 1
+
+    def render(self) -> str:
+        """Every metric in Prometheus' text exposition format."""
+        with self._lock:
+            requests = dict(self._requests)
+            events = dict(self._events)
+            durations = {
+                key: [(h.counts.copy(), h.total_ns) for h in (d.request, d.queue, d.compute)]
+                for key, d in self._durations.items()
+            }
+        lines: list[str] = []
+        _header(lines, "tiffin_requests_total", "counter", "Inference requests answered.")
+        for (model, version, protocol, status), n in sorted(requests.items()):
+            labels = _labels(model=model, version=version, protocol=protocol, status=status)
+            lines.append(f"tiffin_requests_total{{{labels}}} {n}")
+        for index, (name, what) in enumerate(
+            (
+                ("tiffin_request_duration_seconds", "From receiving a request to answering it."),
+                ("tiffin_queue_duration_seconds", "From queueing a request to its batch start."),
+                ("tiffin_compute_duration_seconds", "The backend's execution of its batch."),
+            )
+        ):
+            _header(lines, name, "histogram", what)
+            for (model, version), histograms in sorted(durations.items()):
+                counts, total_ns = histograms[index]
+                _histogram(lines, name, _labels(model=model, version=version), counts, total_ns)
+        self._render_batches(lines)
+        _header(lines, "tiffin_model_events_total", "counter", "Model loads, unloads and swaps.")
+        for (model, version, event), n in sorted(events.items()):
+            labels = _labels(model=model, version=version, event=event)
+            lines.append(f"tiffin_model_events_total{{{labels}}} {n}")
+        return "\n".join(lines) + "\n"
+
+    def _render_batches(self, lines: list[str]) -> None:
+        stats = sorted(self._statistics(), key=lambda s: (s[0].name, s[0].version))
+        _header(lines, "tiffin_inference_count_total", "counter", "Items (batch rows) served.")
+        for key, s in stats:
+            lines.append(f"tiffin_inference_count_total{{{_key_labels(key)}}} {s.inference_count}")
+        _header(lines, "tiffin_execution_count_total", "counter", "Backend executions (batches).")
+        for key, s in stats:
+            lines.append(f"tiffin_execution_count_total{{{_key_labels(key)}}} {s.execution_count}")
+        _header(lines, "tiffin_batch_size", "histogram", "Rows in each backend execution.")
+        for key, s in stats:
+            labels = _key_labels(key)
+            executions = {size: b.compute_infer.count for size, b in s.batches.items()}
+            cumulative = 0
+            for bound in BATCH_BUCKETS:
+                cumulative += sum(n for size, n in executions.items() if _bucket(size) == bound)
+                lines.append(f'tiffin_batch_size_bucket{{{labels},le="{bound}"}} {cumulative}')
+            total = sum(executions.values())
+            lines.append(f'tiffin_batch_size_bucket{{{labels},le="+Inf"}} {total}')
+            rows = sum(size * n for size, n in executions.items())
+            lines.append(f"tiffin_batch_size_sum{{{labels}}} {rows}")
+            lines.append(f"tiffin_batch_size_count{{{labels}}} {total}")
+
+
+def _bucket(size: int) -> int:
+    """The smallest batch-size bound that holds `size` (0: past them all)."""
+    return next((b for b in BATCH_BUCKETS if size <= b), 0)
+
+
+def _header(lines: list[str], name: str, kind: str, what: str) -> None:
+    lines.append(f"# HELP {name} {what}")
+    lines.append(f"# TYPE {name} {kind}")
+
+
+def _histogram(lines: list[str], name: str, labels: str, counts: list[int], ns: int) -> None:
+    cumulative = 0
+    for bound, n in zip(BUCKETS, counts, strict=False):
+        cumulative += n
+        lines.append(f'{name}_bucket{{{labels},le="{bound:g}"}} {cumulative}')
+    cumulative += counts[-1]
+    lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {cumulative}')
+    lines.append(f"{name}_sum{{{labels}}} {ns / 1e9:.9g}")
+    lines.append(f"{name}_count{{{labels}}} {cumulative}")
+
+
+def _key_labels(key: ModelKey) -> str:
+    return _labels(model=key.name, version=str(key.version))
+
+
+def _labels(**values: str) -> str:
+    return ",".join(f'{k}="{_escaped(v)}"' for k, v in values.items())
+
+
+def _escaped(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class MetricsEndpoint:
+    """`GET /metrics` on its own port and thread (a small http.server: scrapes are rare)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, host: str, port: int) -> int:
+        """Binds and serves; returns the port (the one picked when `port` is 0)."""
+        render = self._metrics.render
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if self.path.split("?", 1)[0] != "/metrics":
+                    self.send_error(404, "only /metrics is served here")
+                    return
+                body = render().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # a scrape every few seconds is not worth a log line
+
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics", daemon=True
+        )
+        self._thread.start()
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
