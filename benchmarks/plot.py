@@ -12,7 +12,7 @@ from pathlib import Path
 STYLES = {
     "tiffin": "-",
     "tiffin-nohttp": "-.",
-    "tiffin-nometrics": (0, (3, 1, 1, 1, 1, 1)),
+    "tiffin-nometrics": "-",  # a format string, so a plain line; its colour tells it apart
     "echo-sync": ":",
     "echo-aio": "--",
 }
