@@ -3,7 +3,7 @@
 Requests are counted in an `on_finish` callback that the "metrics" interceptor puts on
 each inference call's context, from its timeline's stamps: nothing is timed a second time.
 Batches (items, executions, batch sizes) are read at scrape time from the statistics each
-executor keeps anyway, so the hot path pays one lock and a few additions per request.
+executor keeps anyway, so the hot path pays a few additions per request and takes no lock.
 
 The text format is written here rather than with prometheus_client: its labelled
 histograms cost several microseconds per request, a measurable share of a small model's.
@@ -57,16 +57,35 @@ class _Durations:
         self.request, self.queue, self.compute = Histogram(), Histogram(), Histogram()
 
 
+class _Shard:
+    """What one thread counted: requests by labels, and durations by model version."""
+
+    __slots__ = ("requests", "durations")
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str, str], int] = {}
+        self.durations: dict[tuple[str, str], _Durations] = {}
+
+
 class Metrics:
     """The server's metrics: `intercept` goes in the chain's "metrics" slot, `model_event`
     is a registry subscriber, `render()` is the exposition text."""
 
     def __init__(self, statistics: Callable[[], Iterable[tuple[ModelKey, ModelStatistics]]]):
         self._statistics = statistics  # every serving version's statistics, read at scrape
-        self._lock = threading.Lock()
-        self._requests: dict[tuple[str, str, str, str], int] = {}
-        self._durations: dict[tuple[str, str], _Durations] = {}
+        # Each thread that answers requests counts into a shard of its own, so that the hot
+        # path takes no lock (64 handler threads would queue on one); a scrape adds them up.
+        self._local = threading.local()
+        self._shards: list[_Shard] = []
+        self._lock = threading.Lock()  # guards the list of shards and the events
         self._events: dict[tuple[str, str, str], int] = {}
+
+    def _shard(self) -> _Shard:
+        shard = _Shard()
+        with self._lock:
+            self._shards.append(shard)
+        self._local.shard = shard
+        return shard
 
     def intercept(self, context: RequestContext, proceed: Callable[[], T]) -> T:
         """The "metrics" interceptor: inference calls are counted once they are answered."""
@@ -75,20 +94,22 @@ class Metrics:
         return proceed()
 
     def _finished(self, context: RequestContext) -> None:
+        try:
+            shard: _Shard = self._local.shard
+        except AttributeError:
+            shard = self._shard()
         t = context.timeline
-        queue = t.between("queued", "batch_start")
-        compute = t.between("compute_start", "compute_end")
         counted = (context.model, context.version, context.front_door, context.status)
-        with self._lock:
-            self._requests[counted] = self._requests.get(counted, 0) + 1
-            durations = self._durations.get(counted[:2])
-            if durations is None:
-                durations = self._durations[counted[:2]] = _Durations()
-            durations.request.observe(t.sent - t.received)
-            if queue:
-                durations.queue.observe(queue)
-            if compute:
-                durations.compute.observe(compute)
+        requests = shard.requests
+        requests[counted] = requests.get(counted, 0) + 1
+        durations = shard.durations.get(counted[:2])
+        if durations is None:
+            durations = shard.durations[counted[:2]] = _Durations()
+        durations.request.observe(t.sent - t.received)
+        if t.queued and t.batch_start:
+            durations.queue.observe(t.batch_start - t.queued)
+        if t.compute_start and t.compute_end:
+            durations.compute.observe(t.compute_end - t.compute_start)
 
     def model_event(self, event: str, key: ModelKey) -> None:
         """A registry subscriber: counts loads, unloads, swaps and failures."""
@@ -99,12 +120,23 @@ class Metrics:
     def render(self) -> str:
         """Every metric in Prometheus' text exposition format."""
         with self._lock:
-            requests = dict(self._requests)
+            shards = list(self._shards)
             events = dict(self._events)
-            durations = {
-                key: [(h.counts.copy(), h.total_ns) for h in (d.request, d.queue, d.compute)]
-                for key, d in self._durations.items()
-            }
+        # Shards are read while their threads count (each copy is one C call, so never
+        # torn); a scrape may see a request being counted in one series and not yet in the
+        # next, which the next scrape settles.
+        requests: dict[tuple[str, str, str, str], int] = {}
+        durations: dict[tuple[str, str], list[tuple[list[int], int]]] = {}
+        for shard in shards:
+            for key, n in list(shard.requests.items()):
+                requests[key] = requests.get(key, 0) + n
+            for pair, d in list(shard.durations.items()):
+                copies = [(h.counts.copy(), h.total_ns) for h in (d.request, d.queue, d.compute)]
+                merged = durations.setdefault(pair, [([0] * (len(_BOUNDS_NS) + 1), 0)] * 3)
+                durations[pair] = [
+                    ([a + b for a, b in zip(m[0], c[0], strict=True)], m[1] + c[1])
+                    for m, c in zip(merged, copies, strict=True)
+                ]
         lines: list[str] = []
         _header(lines, "tiffin_requests_total", "counter", "Inference requests answered.")
         for (model, version, protocol, status), n in sorted(requests.items()):
