@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +24,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from conftest import EXAMPLES, ServerProcess, free_port
+from tiffin.scheduler.context import RequestContext
+from tiffin.server.observability import Metrics
 
 TIMEOUT = 10.0
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -233,3 +236,30 @@ def test_prometheus_scrapes_it(server: ServerProcess, tmp_path: Path) -> None:
         prometheus.terminate()
         prometheus.wait(10)
         client.close()
+
+
+def test_counts_from_many_threads_add_up() -> None:
+    """Each thread counts into its own shard; a scrape adds them all, none lost."""
+    metrics = Metrics(lambda: [])
+
+    def answer(n: int) -> None:
+        for _ in range(n):
+            context = RequestContext("grpc", "infer")
+            context.model, context.version = "m", "3"
+            metrics.intercept(context, lambda: None)
+            t = context.timeline
+            t.queued, t.batch_start = t.received + 1, t.received + 100_000  # 100 µs queued
+            context.finish("OK")
+
+    threads = [threading.Thread(target=answer, args=(500,)) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    samples = parse(metrics.render())
+    model = {"model": "m", "version": "3"}
+    assert value(samples, "tiffin_requests_total", **model, protocol="grpc", status="OK") == 8000
+    assert value(samples, "tiffin_request_duration_seconds_count", **model) == 8000
+    assert value(samples, "tiffin_queue_duration_seconds_bucket", **model, le="5e-05") == 0
+    assert value(samples, "tiffin_queue_duration_seconds_bucket", **model, le="0.00025") == 8000
+    assert value(samples, "tiffin_compute_duration_seconds_count", **model) == 0
