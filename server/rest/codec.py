@@ -136,6 +136,18 @@ def _shape(tensor: dict[str, Any], where: str) -> list[int]:
     return shape
 
 
+def json_object(text: bytes | bytearray, what: str) -> dict[str, Any]:
+    """A request's JSON text as an object; InvalidInput naming `what` when it is not one
+    (deep nesting included: json refuses it with RecursionError)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInput(f"{what} is not valid JSON: {shown(str(exc), 200)}") from None
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object")
+    return value
+
+
 def wire_request(
     body: bytes | bytearray | memoryview, header_length: int | None, model: str, version: str
 ) -> tuple[WireRequest, dict[str, bool], bool]:
@@ -145,19 +157,12 @@ def wire_request(
     `header_length` is the Inference-Header-Content-Length (None: the body is all JSON)."""
     view = memoryview(body)
     end = len(view) if header_length is None else header_length
-    try:
-        if isinstance(body, memoryview) or end < len(view):
-            text: bytes | bytearray = view[:end].tobytes()
-        else:
-            text = body  # all JSON: parsed where it lies
-        header = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidInput(
-            f"the request for model '{shown(model)}' is not valid JSON: {shown(str(exc), 200)}"
-        ) from None
-    if not isinstance(header, dict):
-        raise InvalidInput(f"the request for model '{shown(model)}' must be a JSON object")
+    if isinstance(body, memoryview) or end < len(view):
+        text: bytes | bytearray = view[:end].tobytes()
+    else:
+        text = body  # all JSON: parsed where it lies
     where = f"the request for model '{shown(model)}'"
+    header = json_object(text, where)
     inputs_json = header.get("inputs")
     if not isinstance(inputs_json, list) or not all(isinstance(t, dict) for t in inputs_json):
         raise InvalidInput(f"unable to parse 'inputs' of {where}: expected a list of objects")

@@ -53,7 +53,7 @@ from ..dataplane import DataPlane
 from ..limits import PLAIN_REQUEST_MAX_BYTES, REQUEST_OVERHEAD_BYTES, request_limits
 from ..registry import ModelRegistry
 from . import documents
-from .codec import encode_response, wire_request
+from .codec import encode_response, json_object, wire_request
 from .routes import METHODS, Route, route
 
 log = logging.getLogger(__name__)
@@ -239,15 +239,7 @@ class RestService:
         data = await read_body(request, PLAIN_REQUEST_MAX_BYTES, f"a {operation} request")
         if not data:
             return {}
-        try:
-            body = json.loads(data)
-        except (ValueError, RecursionError) as exc:
-            raise InvalidInput(
-                f"the {operation} request is not valid JSON: {shown(str(exc), 200)}"
-            ) from None
-        if not isinstance(body, dict):
-            raise InvalidInput(f"the {operation} request must be a JSON object")
-        return body
+        return json_object(data, f"the {operation} request")
 
     # ---- inference ----------------------------------------------------------------------
 
