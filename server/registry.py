@@ -66,16 +66,6 @@ class ModelState:
         return sorted(v for v, s in self.versions.items() if s.state == READY)
 
 
-def _step_models(spec: ModelSpec) -> set[str]:
-    """The models a pipeline's steps call (empty for other models)."""
-    return {
-        step.model
-        for v in spec.versions
-        if v.config and v.config.pipeline
-        for step in v.config.pipeline.steps
-    }
-
-
 Subscriber = Callable[[str, ModelKey], None]
 
 
@@ -215,10 +205,10 @@ class ModelRegistry:
         several at once; pipelines after the models their steps call."""
         if specs is None:
             specs = await asyncio.to_thread(self.read_all)
-        pending = {s.name: s for s in specs if _step_models(s)}
+        pending = {s.name: s for s in specs if s.step_models()}
         await asyncio.gather(*(self._load(s) for s in specs if s.name not in pending))
         while pending:
-            ready = [s for s in pending.values() if not (_step_models(s) & pending.keys())]
+            ready = [s for s in pending.values() if not (s.step_models() & pending.keys())]
             # A cycle of pipelines: load them anyway, each then reports its missing steps.
             batch = ready or list(pending.values())
             for spec in batch:
@@ -387,7 +377,7 @@ class ModelRegistry:
         """Reloads each pipeline that calls `changed` when whether it can run, or the config
         it completes to, is no longer what its state says."""
         for name, spec in list(self._specs.items()):
-            if changed not in _step_models(spec):
+            if changed not in spec.step_models():
                 continue
             if self._pipeline_current(name, spec):
                 continue

@@ -83,6 +83,15 @@ class ModelSpec:
     versions: list[VersionSpec] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # what is ignored, and why
 
+    def step_models(self) -> set[str]:
+        """The models this pipeline's steps call (empty for other models)."""
+        return {
+            step.model
+            for v in self.versions
+            if v.config and v.config.pipeline
+            for step in v.config.pipeline.steps
+        }
+
     @property
     def problems(self) -> list[str]:
         """The faults of the model's files: why it, or a version of it, cannot load."""

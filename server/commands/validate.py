@@ -218,15 +218,6 @@ def _import_problem(model_file: Path, class_name: str, timeout: float) -> str:
     return str(answer.get("error", ""))
 
 
-def _step_models(spec: ModelSpec) -> set[str]:
-    return {
-        step.model
-        for v in spec.versions
-        if v.config and v.config.pipeline
-        for step in v.config.pipeline.steps
-    }
-
-
 class _Pipelines:
     """Judges pipelines as loading them would, against the verdicts of the models their steps
     call (pipelines among them judged first)."""
@@ -285,5 +276,5 @@ class _Pipelines:
             if name in seen or name not in self._specs:
                 continue
             seen.add(name)
-            todo.extend(_step_models(self._specs[name]))
+            todo.extend(self._specs[name].step_models())
         return False
