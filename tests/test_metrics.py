@@ -263,3 +263,33 @@ def test_counts_from_many_threads_add_up() -> None:
     assert value(samples, "tiffin_queue_duration_seconds_bucket", **model, le="5e-05") == 0
     assert value(samples, "tiffin_queue_duration_seconds_bucket", **model, le="0.00025") == 8000
     assert value(samples, "tiffin_compute_duration_seconds_count", **model) == 0
+
+
+def test_streamed_requests_are_counted(server: ServerProcess) -> None:
+    """Requests on a ModelStreamInfer stream count like unary ones (operation stream_infer)."""
+    model = {"model": "add_sub", "version": "1", "protocol": "grpc", "status": "OK"}
+    before = value(scrape(server), "tiffin_requests_total", **model)
+    answers: list = []
+    client = grpcclient.InferenceServerClient(server.url)
+    client.start_stream(callback=lambda result, error: answers.append(error or result))
+    for _ in range(3):
+        client.async_stream_infer("add_sub", inputs(grpcclient))
+    client.stop_stream()  # waits for the answers
+    client.close()
+    assert len(answers) == 3 and not any(isinstance(a, Exception) for a in answers)
+    assert value(scrape(server), "tiffin_requests_total", **model) == before + 3
+
+
+def test_endless_unknown_model_names_cannot_grow_the_metrics(server: ServerProcess) -> None:
+    """A client naming a new model each time: after 100 names, they count as one label."""
+    client = grpcclient.InferenceServerClient(server.url)
+    for i in range(130):
+        with pytest.raises(InferenceServerException):
+            client.infer(f"nope_{i}", inputs(grpcclient), client_timeout=TIMEOUT)
+    client.close()
+    models = {
+        dict(labels)["model"]
+        for (name, labels), _ in scrape(server).items()
+        if name == "tiffin_requests_total" and dict(labels)["version"] == ""
+    }
+    assert len(models) <= 101 and "(other)" in models

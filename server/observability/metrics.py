@@ -57,6 +57,10 @@ class _Durations:
         self.request, self.queue, self.compute = Histogram(), Histogram(), Histogram()
 
 
+UNSERVED_NAMES = 100
+OTHER_MODEL = "(other)"
+
+
 class _Shard:
     """What one thread counted: requests by labels, and durations by model version."""
 
@@ -79,6 +83,10 @@ class Metrics:
         self._shards: list[_Shard] = []
         self._lock = threading.Lock()  # guards the list of shards and the events
         self._events: dict[tuple[str, str, str], int] = {}
+        # Names of models no version served, as clients sent them: kept as labels up to
+        # UNSERVED_NAMES, then counted as OTHER_MODEL, so that a client naming endless
+        # models cannot grow the metrics without bound.
+        self._unserved: set[str] = set()
 
     def _shard(self) -> _Shard:
         shard = _Shard()
@@ -89,7 +97,7 @@ class Metrics:
 
     def intercept(self, context: RequestContext, proceed: Callable[[], T]) -> T:
         """The "metrics" interceptor: inference calls are counted once they are answered."""
-        if context.operation == "infer":
+        if context.operation in ("infer", "stream_infer"):
             context.on_finish.append(self._finished)
         return proceed()
 
@@ -99,7 +107,10 @@ class Metrics:
         except AttributeError:
             shard = self._shard()
         t = context.timeline
-        counted = (context.model, context.version, context.front_door, context.status)
+        model = context.model
+        if not context.version and model not in self._unserved:
+            model = self._unserved_label(model)
+        counted = (model, context.version, context.front_door, context.status)
         requests = shard.requests
         requests[counted] = requests.get(counted, 0) + 1
         durations = shard.durations.get(counted[:2])
@@ -110,6 +121,14 @@ class Metrics:
             durations.queue.observe(t.batch_start - t.queued)
         if t.compute_start and t.compute_end:
             durations.compute.observe(t.compute_end - t.compute_start)
+
+    def _unserved_label(self, name: str) -> str:
+        """The label for a model name no version served: the name while few are known."""
+        with self._lock:
+            if len(self._unserved) < UNSERVED_NAMES:
+                self._unserved.add(name)
+                return name
+        return OTHER_MODEL
 
     def model_event(self, event: str, key: ModelKey) -> None:
         """A registry subscriber: counts loads, unloads, swaps and failures."""
