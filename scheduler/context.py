@@ -43,8 +43,10 @@ class RequestContext:
 
     `front_door` is "grpc" or "rest"; `operation` the data plane operation ("infer",
     "model_metadata", ...); `metadata` the caller's headers or gRPC metadata (lower-case
-    keys); `principal` who the caller is once authenticated ("" while nothing
-    authenticates); `trace` the caller's trace context (traceparent and friends, empty
+    keys); `peer` the caller's address as the front door saw it; `client_certificate`
+    the subject of the client's verified TLS certificate ("" without mutual TLS);
+    `principal` who the caller is once authenticated ("" while nothing authenticates)
+    and `roles` what it may do; `trace` the caller's trace context (traceparent and friends, empty
     while nothing traces). `on_finish` callbacks run once, with the final status name,
     when the call is answered.
     """
@@ -57,7 +59,10 @@ class RequestContext:
         "model",
         "version",
         "deadline",
+        "peer",
+        "client_certificate",
         "principal",
+        "roles",
         "trace",
         "timeline",
         "on_finish",
@@ -78,7 +83,10 @@ class RequestContext:
         self.model = ""
         self.version = ""  # the version serving it, once resolved
         self.deadline = deadline  # time.monotonic() after which the caller no longer waits
+        self.peer = ""
+        self.client_certificate = ""
         self.principal = ""
+        self.roles: frozenset[str] = frozenset()
         self.trace: dict[str, str] = {}
         self.timeline = Timeline()
         self.on_finish: list[Callable[[RequestContext], None]] = []

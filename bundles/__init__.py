@@ -1,0 +1,1 @@
+"""Bundles: a model repository as one reproducible, verifiable, versioned artifact."""

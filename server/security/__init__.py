@@ -1,0 +1,1 @@
+"""Who may call what: TLS, credentials, roles, audit and per-caller limits."""
