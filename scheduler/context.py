@@ -46,8 +46,8 @@ class RequestContext:
     keys); `peer` the caller's address as the front door saw it; `client_certificate`
     the subject of the client's verified TLS certificate ("" without mutual TLS);
     `principal` who the caller is once authenticated ("" while nothing authenticates)
-    and `roles` what it may do; `trace` the caller's trace context (traceparent and friends, empty
-    while nothing traces). `on_finish` callbacks run once, with the final status name,
+    with `roles` and `allowed_models` saying what it may do; `trace` the caller's trace
+    context (traceparent and friends, empty while nothing traces). `on_finish` callbacks run once, with the final status name,
     when the call is answered.
     """
 
@@ -63,6 +63,7 @@ class RequestContext:
         "client_certificate",
         "principal",
         "roles",
+        "allowed_models",
         "trace",
         "timeline",
         "on_finish",
@@ -87,6 +88,7 @@ class RequestContext:
         self.client_certificate = ""
         self.principal = ""
         self.roles: frozenset[str] = frozenset()
+        self.allowed_models: frozenset[str] = frozenset()  # empty: every model
         self.trace: dict[str, str] = {}
         self.timeline = Timeline()
         self.on_finish: list[Callable[[RequestContext], None]] = []
