@@ -14,10 +14,15 @@ import sys
 import traceback
 from importlib import metadata
 
-from .commands import serve, validate
+from .commands import build, bundles, serve, validate
 from .settings import ENV_PREFIX, SettingsError
 
-VERBS = {"serve": serve, "validate": validate}
+VERBS = {
+    "serve": serve,
+    "validate": validate,
+    "build": build,
+    "bundles": bundles,
+}
 # The frameworks behind the backends, by distribution name, as --version reports them.
 FRAMEWORKS = ("onnxruntime", "onnxruntime-gpu", "torch", "tritonclient", "numpy", "grpcio")
 

@@ -1,14 +1,26 @@
-"""`serverctl serve`: serve a model repository until SIGTERM or Ctrl-C."""
+"""`serverctl serve`: serve a model repository, or a bundle, until SIGTERM or Ctrl-C.
+
+A bundle (`--bundle FILE`, or a name:tag or hash from the local store) is unpacked into a
+temporary folder and every file's hash checked before any model loads; a bundle that fails a
+check is refused, naming the file. The folder is removed when the server stops.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import signal
 import threading
+from pathlib import Path
+
+from tiffin.bundles.archive import unpack
+from tiffin.bundles.manifest import MANIFEST_FILE, REPOSITORY_DIR, Manifest
+from tiffin.bundles.store import BundleStore
 
 from ..server import Server
-from ..settings import add_settings_arguments, settings_from_arguments
+from ..settings import ENV_PREFIX, SettingsError, add_settings_arguments, settings_from_arguments
 
 HELP = "Serve a model repository over the KServe v2 / Triton gRPC and HTTP/REST protocols."
 
@@ -16,10 +28,52 @@ log = logging.getLogger("tiffin.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_settings_arguments(parser)
+    add_settings_arguments(parser, skip=("model_repository",))
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model-repository",
+        default=os.environ.get(ENV_PREFIX + "MODEL_REPOSITORY"),
+        help="Folder of models, one sub-folder each; or give --bundle "
+        f"[env {ENV_PREFIX}MODEL_REPOSITORY]",
+    )
+    source.add_argument(
+        "--bundle",
+        default=os.environ.get(ENV_PREFIX + "BUNDLE"),
+        help="A bundle to serve (serverctl build): a .tar.gz file, or a name:tag or content hash "
+        f"in the local bundle store (serverctl bundles) [env {ENV_PREFIX}BUNDLE]",
+    )
+
+
+def _unpack_bundle(reference: str) -> tuple[Path, Manifest]:
+    """The checked, unpacked bundle's folder and manifest; BundleError naming what failed."""
+    path = Path(reference)
+    if path.is_file():
+        folder = unpack(path)
+    else:
+        stored, content_hash = BundleStore().resolve(reference)
+        folder = unpack(stored, expected_hash=content_hash)
+    return folder, Manifest.model_validate_json((folder / MANIFEST_FILE).read_bytes())
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bundle and args.model_repository:
+        raise SettingsError(
+            "--bundle and --model-repository (or their TIFFIN_ variables) are both given; "
+            "serve one or the other."
+        )
+    if not args.bundle and not args.model_repository:
+        raise SettingsError("--model-repository or --bundle is required.")
+    if not args.bundle:
+        return _serve(args)
+    folder, manifest = _unpack_bundle(args.bundle)
+    try:
+        args.model_repository = str(folder / REPOSITORY_DIR)
+        return _serve(args, manifest)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _serve(args: argparse.Namespace, bundle: Manifest | None = None) -> int:
     settings = settings_from_arguments(args, args.argv)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -28,6 +82,14 @@ def run(args: argparse.Namespace) -> int:
     # Handlers first, so that a signal during model loading still shuts down cleanly.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
+    if bundle is not None:
+        log.info(
+            "bundle %s:%s (sha256 %s): %d files checked",
+            bundle.name,
+            bundle.tag,
+            bundle.content_hash,
+            len(bundle.files),
+        )
     server = Server(settings)
     try:
         server.start()
