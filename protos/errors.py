@@ -88,6 +88,24 @@ class Unsupported(TiffinError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class Unauthenticated(TiffinError):
+    """The caller sent no credentials, or credentials that are not valid."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(TiffinError):
+    """The caller is known but lacks the role the call needs; the message names the role."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class NotEnabled(TiffinError):
+    """A call this server was not started to take (model control mode 'none')."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class BackendError(TiffinError):
     """The backend failed while running a batch (the exception's message is kept)."""
 

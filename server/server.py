@@ -18,7 +18,9 @@ from .grpc import GrpcFrontDoor
 from .limits import message_limit
 from .observability import Metrics, MetricsEndpoint
 from .registry import ModelRegistry
+from .repository import ModelSpec
 from .rest import RestFrontDoor
+from .security import Security
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,9 @@ class Server:
             _version(),
             settings.strict_readiness,
         )
+        # Credentials and certificates are read now: a server does not start on bad ones.
+        self.security = Security(settings, settings.model_repository)
+        self.security.install(self.plane.chain)
         # Request size limits and health follow every change of what serves.
         self._registry.subscribe(lambda event, key: self._models_changed())
         self._metrics: MetricsEndpoint | None = None
@@ -93,14 +98,16 @@ class Server:
             v.config for spec in specs for v in spec.versions if v.config is not None
         )
         log.info("request messages may be up to %d bytes", receive_limit)
-        self._grpc = GrpcFrontDoor(self.plane, self._registry, s, receive_limit)
+        self._grpc = GrpcFrontDoor(self.plane, self._registry, s, receive_limit, self.security)
         self.port = self._grpc.start(s.host, s.grpc_port)
         if s.allow_http:
-            self._rest = RestFrontDoor(self.plane, self._registry, s, receive_limit)
+            self._rest = RestFrontDoor(self.plane, self._registry, s, receive_limit, self.security)
             self.http_port = self._rest.start(s.host, s.http_port)
         if self._metrics is not None:
             self.metrics_port = self._metrics.start(s.host, s.metrics_port)
             log.info("metrics on http://%s:%d/metrics", s.host, self.metrics_port)
+        if s.model_control_mode == "explicit":
+            specs = _named(specs, s.load_model)
         asyncio.run_coroutine_threadsafe(self._registry.load_all(specs), self._loop).result()
         self._state.loaded = True
         self._models_changed()
@@ -133,6 +140,8 @@ class Server:
         if self._rest is not None:  # in-flight REST requests ran meanwhile: one grace for both
             self._rest.stop(max(0.0, grace - (time.monotonic() - began)))
         asyncio.run_coroutine_threadsafe(self._registry.unload_all(), self._loop).result()
+        if self.security.audit is not None:
+            self.security.audit.close()
         if self._metrics is not None:
             self._metrics.stop()
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -143,3 +152,25 @@ class Server:
     def wait(self, timeout: float | None = None) -> bool:
         """Blocks until stop() has finished; True if it has."""
         return self._stopped.wait(timeout)
+
+
+def _named(specs: list[ModelSpec], names: tuple[str, ...]) -> list[ModelSpec]:
+    """The models --load-model names ('*': all), with the models their pipelines call."""
+    if "*" in names:
+        return specs
+    by_name = {spec.name: spec for spec in specs}
+    missing = sorted(set(names) - by_name.keys())
+    if missing:
+        raise FileNotFoundError(
+            f"--load-model names {', '.join(repr(m) for m in missing)}, which the repository "
+            "does not hold"
+        )
+    wanted: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name in wanted or name not in by_name:
+            continue  # a missing step is reported when its pipeline loads
+        wanted.add(name)
+        todo.extend(by_name[name].step_models())
+    return [spec for spec in specs if spec.name in wanted]

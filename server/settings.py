@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_origin
 
 from pydantic import (
     BaseModel,
@@ -103,6 +103,93 @@ class ServerSettings(BaseModel):
         "'module:Class', or 'module' for every class in it and its submodules; others are "
         "refused, so that a config cannot import arbitrary code.",
     )
+    model_control_mode: Literal["none", "explicit"] = Field(
+        "none",
+        description="Triton's model control: 'none' loads the whole repository at start and "
+        "refuses load and unload calls (except from an admin, once --auth-* is set); "
+        "'explicit' loads only the --load-model models at start and takes load and unload "
+        "calls.",
+    )
+    load_model: tuple[str, ...] = Field(
+        (),
+        description="With --model-control-mode explicit: a model to load at start; repeat "
+        "the flag for more, '*' for every model (comma-separated in the variable).",
+    )
+    # ---- TLS: Triton's flag names; the HTTP ones fall back to the gRPC files. ----
+    grpc_use_ssl: bool = Field(False, description="Serve gRPC over TLS.")
+    grpc_use_ssl_mutual: bool = Field(
+        False,
+        description="Serve gRPC over mutual TLS: clients must present a certificate signed "
+        "by --grpc-root-cert (implies --grpc-use-ssl).",
+    )
+    grpc_server_cert: str = Field("", description="PEM file of the gRPC server's certificate.")
+    grpc_server_key: str = Field("", description="PEM file of the gRPC server's private key.")
+    grpc_root_cert: str = Field(
+        "", description="PEM file of the certificate authorities trusted for client certificates."
+    )
+    http_use_ssl: bool = Field(False, description="Serve HTTP/REST over TLS (HTTPS).")
+    http_use_ssl_mutual: bool = Field(
+        False,
+        description="Serve HTTP/REST over mutual TLS (implies --http-use-ssl).",
+    )
+    http_server_cert: str = Field(
+        "", description="PEM certificate for HTTPS; default: --grpc-server-cert."
+    )
+    http_server_key: str = Field("", description="PEM private key for HTTPS; default: --grpc-server-key.")
+    http_root_cert: str = Field(
+        "", description="PEM CA certificates for HTTPS client certificates; default: --grpc-root-cert."
+    )
+    # ---- who may call what ----
+    auth_token_file: str = Field(
+        "",
+        description="YAML file of principals: each with roles, and a bearer token's SHA-256 "
+        "and/or a client certificate subject. Setting any --auth-* turns authentication on.",
+    )
+    auth_jwt_key: str = Field(
+        "", description="PEM public key that signs accepted JWT bearer tokens."
+    )
+    auth_jwks_file: str = Field(
+        "", description="JWKS (JSON Web Key Set) file of keys that sign accepted JWTs."
+    )
+    auth_jwt_audience: str = Field("", description="Required JWT 'aud' claim, if set.")
+    auth_jwt_issuer: str = Field("", description="Required JWT 'iss' claim, if set.")
+    auth_jwt_roles_claim: str = Field(
+        "roles", description="JWT claim holding the roles (a list, or a space-separated string)."
+    )
+    auth_jwt_algorithms: str = Field(
+        "RS256,ES256,EdDSA",
+        description="Accepted JWT signature algorithms, comma-separated (asymmetric only).",
+    )
+    auth_certificate_principals: bool = Field(
+        False,
+        description="With mutual TLS, a client certificate's subject that the token file "
+        "names is a principal, with no token needed.",
+    )
+    audit_log: str = Field(
+        "",
+        description="File for the audit log (JSON lines): admin calls and refused "
+        "credentials; empty: none.",
+    )
+    audit_log_max_bytes: int = Field(
+        100 << 20, ge=4096, description="The audit log is rotated when it reaches this size."
+    )
+    audit_log_backups: int = Field(5, ge=1, description="Rotated audit logs kept.")
+    # ---- limits per client: its principal, or without authentication its address ----
+    client_max_inflight: int = Field(
+        0, ge=0, description="Most requests one client may have in flight; 0: no limit."
+    )
+    client_max_rps: float = Field(
+        0.0, ge=0, description="Requests per second one client may send (a token bucket); 0: no limit."
+    )
+    client_burst: int = Field(
+        0, ge=0, description="Requests one client may send at once above --client-max-rps; 0: one second's worth."
+    )
+    max_request_elements: int = Field(
+        0,
+        ge=0,
+        description="Most tensor elements in one request, all inputs together; 0: bounded "
+        "only by the message size.",
+    )
     strict_readiness: bool = Field(
         False, description="ServerReady only when every model is ready (Triton's default)."
     )
@@ -121,6 +208,55 @@ class ServerSettings(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _tls_and_auth_complete(self) -> ServerSettings:
+        for door in ("grpc", "http"):
+            if not (getattr(self, f"{door}_use_ssl") or getattr(self, f"{door}_use_ssl_mutual")):
+                continue
+            cert, key, root = self.tls_files(door)
+            if not cert or not key:
+                raise ValueError(
+                    f"--{door}-use-ssl needs --{door}-server-cert and --{door}-server-key"
+                )
+            if getattr(self, f"{door}_use_ssl_mutual") and not root:
+                raise ValueError(f"--{door}-use-ssl-mutual needs --{door}-root-cert")
+        if self.load_model and self.model_control_mode != "explicit":
+            raise ValueError(
+                "--load-model needs --model-control-mode explicit (in 'none' mode every model "
+                "is loaded at start)"
+            )
+        jwt_claims = self.auth_jwt_audience or self.auth_jwt_issuer
+        if jwt_claims and not (self.auth_jwt_key or self.auth_jwks_file):
+            raise ValueError(
+                "--auth-jwt-audience and --auth-jwt-issuer need --auth-jwt-key or --auth-jwks-file"
+            )
+        if self.auth_certificate_principals and not self.auth_token_file:
+            raise ValueError(
+                "--auth-certificate-principals needs --auth-token-file, which names the "
+                "certificate subjects and their roles"
+            )
+        return self
+
+    def tls_files(self, door: str) -> tuple[str, str, str]:
+        """(certificate, key, root) for "grpc" or "http"; HTTP falls back to gRPC's files."""
+        grpc_files = (self.grpc_server_cert, self.grpc_server_key, self.grpc_root_cert)
+        if door == "grpc":
+            return grpc_files
+        own = (self.http_server_cert, self.http_server_key, self.http_root_cert)
+        cert, key, root = (mine or theirs for mine, theirs in zip(own, grpc_files, strict=True))
+        return cert, key, root
+
+    def tls(self, door: str) -> str:
+        """'', 'tls' or 'mutual' for "grpc" or "http"."""
+        if getattr(self, f"{door}_use_ssl_mutual"):
+            return "mutual"
+        return "tls" if getattr(self, f"{door}_use_ssl") else ""
+
+    @property
+    def authentication(self) -> bool:
+        """Whether callers must authenticate (any --auth-* source is set)."""
+        return bool(self.auth_token_file or self.auth_jwt_key or self.auth_jwks_file)
+
     @property
     def stream_limit(self) -> int:
         """How many streams may be open at once."""
@@ -137,7 +273,15 @@ def add_settings_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...
         default: Any = env if env is not None else field.default
         required = field.is_required() and env is None
         help_text = f"{field.description} [env {ENV_PREFIX}{name.upper()}]"
-        if field.annotation is bool:
+        if get_origin(field.annotation) is tuple:  # a repeatable flag
+            parser.add_argument(
+                flag,
+                action="append",
+                default=None,
+                help=help_text,
+            )
+            parser.set_defaults(**{name: _listed(env)})
+        elif field.annotation is bool:
             parser.add_argument(
                 flag,
                 action=argparse.BooleanOptionalAction,
@@ -153,6 +297,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...
             )
 
 
+def _listed(env: str | None) -> list[str] | None:
+    """A repeatable flag's default: its variable's comma-separated items."""
+    if env is None:
+        return None
+    return [item.strip() for item in env.split(",") if item.strip()]
+
+
 class SettingsError(ValueError):
     """Settings that cannot be used; the message names the flag or variable, the value, and
     what is expected, in sentences."""
@@ -165,7 +316,9 @@ def settings_from_arguments(
 
     `argv` tells a flag given on the command line from a value its variable gave."""
     values = {
-        name: getattr(args, name) for name in ServerSettings.model_fields if hasattr(args, name)
+        name: getattr(args, name)
+        for name in ServerSettings.model_fields
+        if getattr(args, name, None) is not None
     }
     try:
         return ServerSettings.model_validate(values)
@@ -210,6 +363,8 @@ def _problem(error: Any, given: list[str]) -> str:
             expected += f" of at least {bounds['ge']}"
     elif kind == "bool_parsing":
         expected = "true or false"
+    elif kind == "literal_error":
+        expected = "one of " + str(error["ctx"]["expected"]).replace("'", "")
     elif kind == "missing":
         return f"{_source(name, given)} is required."
     else:

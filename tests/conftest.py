@@ -90,6 +90,10 @@ class ServerProcess:
                 **os.environ,
                 "PYTHONPATH": _python_path(),
                 "TIFFIN_ALLOWED_BACKENDS": "toy_backends",  # the only import-path backends
+                # Tests drive load and unload calls: every model loaded at start, and the
+                # calls taken (the default mode, 'none', refuses them; test_security.py).
+                "TIFFIN_MODEL_CONTROL_MODE": "explicit",
+                "TIFFIN_LOAD_MODEL": "*",
                 **(env or {}),
             },
         )

@@ -15,6 +15,7 @@ from tiffin.protos import MAX_MESSAGE_BYTES, SERVICE_NAME, protocol
 
 from ..dataplane import DataPlane
 from ..registry import ModelRegistry
+from ..security import Security
 from ..settings import ServerSettings
 from .health import Health
 from .service import InferenceService
@@ -42,9 +43,11 @@ class GrpcFrontDoor:
         registry: ModelRegistry,
         settings: ServerSettings,
         receive_limit: int,
+        security: Security,
     ) -> None:
         self._plane = plane
         self._registry = registry
+        self._credentials = security.grpc_credentials()
         s = settings
         options = [
             ("grpc.max_send_message_length", s.max_message_bytes or MAX_MESSAGE_BYTES),
@@ -56,7 +59,9 @@ class GrpcFrontDoor:
             options=options,
             maximum_concurrent_rpcs=s.grpc_threads,
         )
-        self._service = InferenceService(plane, registry, settings, receive_limit)
+        self._service = InferenceService(
+            plane, registry, settings, receive_limit, security.grpc_mutual
+        )
         self._server.add_generic_rpc_handlers((self._service.generic_handler(),))
         self._health = Health(self._server)
         reflection.enable_server_reflection(
@@ -73,11 +78,15 @@ class GrpcFrontDoor:
         """Binds and starts serving; the port bound (`port` 0 picks a free one)."""
         address = f"{host}:{port}"
         try:
-            bound = self._server.add_insecure_port(address)
+            if self._credentials is None:
+                bound = self._server.add_insecure_port(address)
+            else:
+                bound = self._server.add_secure_port(address, self._credentials)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {address}: {exc}") from None
         self._server.start()
-        log.info("listening for gRPC on %s:%d", host, bound)
+        tls = " (TLS)" if self._credentials is not None else ""
+        log.info("listening for gRPC%s on %s:%d", tls, host, bound)
         return bound
 
     def models_changed(self) -> None:

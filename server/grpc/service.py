@@ -26,6 +26,7 @@ from ..bridge import Pending
 from ..dataplane import DataPlane
 from ..limits import request_limits
 from ..registry import ModelRegistry
+from ..security import subject_of_pem
 from ..settings import ServerSettings
 from .capacity import StreamGate
 from .codec import encode_response, parameters, wire_request
@@ -54,10 +55,20 @@ OPERATIONS = {
 }
 
 
-def _call_context(context: grpc.ServicerContext, rpc: str) -> RequestContext:
+def _call_context(context: grpc.ServicerContext, operation: str, mutual: bool) -> RequestContext:
     remaining = context.time_remaining()
     deadline = time.monotonic() + remaining if remaining is not None else None
-    return RequestContext("grpc", OPERATIONS[rpc], dict(context.invocation_metadata()), deadline)
+    call = RequestContext("grpc", operation, dict(context.invocation_metadata()), deadline)
+    call.peer = context.peer()
+    if mutual:
+        call.client_certificate = client_certificate(context)
+    return call
+
+
+def client_certificate(context: grpc.ServicerContext) -> str:
+    """The subject of the client's verified certificate ("" without one)."""
+    pem = context.auth_context().get("x509_pem_cert")
+    return subject_of_pem(pem[0]) if pem else ""
 
 
 def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -67,7 +78,7 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def handler(self: InferenceService, request: Any, context: grpc.ServicerContext) -> Any:
-        call = _call_context(context, rpc)
+        call = _call_context(context, OPERATIONS[rpc], self._mutual)
         if isinstance(request, Undecodable):
             call.finish(grpc.StatusCode.INVALID_ARGUMENT.name)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
@@ -95,8 +106,10 @@ class InferenceService:
         registry: ModelRegistry,
         settings: ServerSettings,
         receive_limit: int,
+        mutual: bool = False,
     ) -> None:
         self._pb = protocol()
+        self._mutual = mutual  # clients present certificates: read their subjects
         self._plane = plane
         self._registry = registry
         self._infer_decoder = RequestDecoder(self._pb.ModelInferRequest)
@@ -255,14 +268,13 @@ class InferenceService:
         """Answers each request in request order, while its requests run concurrently (a
         StreamSession reads them on a thread of its own). Errors are in-band unless the
         client asked otherwise (`triton_grpc_error: true`)."""
-        metadata = dict(context.invocation_metadata())
-        abort_on_error = metadata.get("triton_grpc_error") == "true"
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        stream = _call_context(context, "stream_infer", self._mutual)
+        abort_on_error = stream.metadata.get("triton_grpc_error") == "true"
 
         def start(msg: Any) -> tuple[Pending, model_config.ModelConfig, RequestContext]:
             # Each request has a context of its own; the stream's deadline bounds each one.
-            call = RequestContext("grpc", "stream_infer", metadata, deadline)
+            call = RequestContext("grpc", "stream_infer", stream.metadata, stream.deadline)
+            call.peer, call.client_certificate = stream.peer, stream.client_certificate
             started = self._plane.infer(call, wire_request(msg))
             return started.pending, started.config, call
 

@@ -40,6 +40,7 @@ from aiohttp import web
 
 from ..dataplane import DataPlane
 from ..registry import ModelRegistry
+from ..security import Security
 from ..settings import ServerSettings
 from .service import RestService
 
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 # before any handler runs (400): what a client can make the server hold before its body.
 MAX_HEADERS = 128
 MAX_LINE_BYTES = 8190
+# A TLS client that has not finished its handshake by then is disconnected.
+_HANDSHAKE_SECONDS = 10.0
 # After the grace period, connections still busy get this long to close.
 _CLOSE_SECONDS = 1.0
 
@@ -73,13 +76,16 @@ class RestFrontDoor:
         registry: ModelRegistry,
         settings: ServerSettings,
         receive_limit: int,
+        security: Security,
     ) -> None:
+        self._ssl = security.https_context()
         self._service = RestService(
             plane,
             registry,
             receive_limit,
             settings.http_max_input_size,
             settings.http_max_inflight,
+            security,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -96,7 +102,7 @@ class RestFrontDoor:
             bound = future.result()
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        log.info("listening for HTTP on %s:%d", host, bound)
+        log.info("listening for HTTP%s on %s:%d", "S" if self._ssl else "", host, bound)
         return bound
 
     async def _listen(self, host: str, port: int) -> int:
@@ -109,7 +115,13 @@ class RestFrontDoor:
             max_line_size=MAX_LINE_BYTES,
             max_field_size=MAX_LINE_BYTES,
         )
-        self._listener = await self._loop.create_server(self._server, host, port)
+        self._listener = await self._loop.create_server(
+            self._server,
+            host,
+            port,
+            ssl=self._ssl,
+            ssl_handshake_timeout=_HANDSHAKE_SECONDS if self._ssl else None,
+        )
         return int(self._listener.sockets[0].getsockname()[1])
 
     def models_changed(self) -> None:

@@ -52,6 +52,7 @@ from ..bridge import Pending
 from ..dataplane import DataPlane
 from ..limits import PLAIN_REQUEST_MAX_BYTES, REQUEST_OVERHEAD_BYTES, request_limits
 from ..registry import ModelRegistry
+from ..security import Security, subject_of_der
 from . import documents
 from .codec import encode_response, json_object, wire_request
 from .routes import METHODS, Route, route
@@ -114,8 +115,10 @@ class RestService:
         receive_limit: int,
         max_json_bytes: int,
         max_inflight: int,
+        security: Security,
     ) -> None:
         self._plane = plane
+        self._security = security
         self._registry = registry
         self._receive_limit = receive_limit
         self._max_json = max_json_bytes
@@ -165,20 +168,32 @@ class RestService:
 
     def _context(self, operation: str, request: web.BaseRequest) -> RequestContext:
         headers = {key.lower(): value for key, value in request.headers.items()}
-        return RequestContext("rest", operation, headers, None)
+        context = RequestContext("rest", operation, headers, None)
+        context.peer = request.remote or ""
+        tls = request.transport.get_extra_info("ssl_object") if request.transport else None
+        if tls is not None:
+            der = tls.getpeercert(binary_form=True)
+            context.client_certificate = subject_of_der(der) if der else ""
+        return context
 
     async def _operation(
         self, operation: str, found: Route, request: web.BaseRequest
     ) -> web.StreamResponse:
         context = self._context(operation, request)
         try:
+            # Who may call this is settled before a body is read.
+            context.model = found.model
+            self._security.check(context)
             if operation == "infer":
                 response = await self._infer(context, found, request)
             else:
                 response = await self._plain(context, operation, found, request)
         except TiffinError as exc:
             context.finish(exc.code.name)
-            return error_reply(HTTP_STATUS.get(exc.code, 500), exc.message)
+            reply = error_reply(HTTP_STATUS.get(exc.code, 500), exc.message)
+            if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                reply.headers[hdrs.WWW_AUTHENTICATE] = "Bearer"
+            return reply
         except asyncio.CancelledError:
             context.finish(grpc.StatusCode.CANCELLED.name)  # the client went away
             raise
