@@ -97,8 +97,10 @@ class DataPlane:
         state: ServerState,
         version: str,
         strict_readiness: bool,
+        max_request_elements: int = 0,
     ) -> None:
         self.chain = Chain()
+        self._max_elements = max_request_elements
         self._registry = registry
         self._bridge = LoopBridge(loop, registry.enqueue)
         self._state = state
@@ -272,7 +274,8 @@ class DataPlane:
             spec = self._registry.resolve(request.model_name, request.model_version).spec
             config = spec.config
             assert config is not None
-            decoded = validate(request, ModelKey(request.model_name, spec.version), config, context)
+            key = ModelKey(request.model_name, spec.version)
+            decoded = validate(request, key, config, context, self._max_elements)
             return Started(self._bridge.submit(decoded, on_done), config)
 
         return self.chain.run(context, start)

@@ -147,20 +147,57 @@ def _describe_validation_error(config_file: Path, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+# A config.yaml is a page of settings. These bound what parsing one may cost: its size, and
+# how many values it expands to (YAML aliases can make 500 bytes stand for a billion values,
+# which validation would then walk for minutes).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+
+
 def read_config(config_file: Path) -> ModelConfig:
     """Parses and validates one config.yaml; ValueError with every problem found."""
     try:
+        size = config_file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(
+                f"{config_file}: is {size} bytes, more than a config.yaml may be "
+                f"({MAX_CONFIG_BYTES})"
+            )
         data = yaml.safe_load(config_file.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ValueError(f"{config_file}: not valid YAML: {exc}") from None
     except OSError as exc:
         raise ValueError(f"{config_file}: cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{config_file}: is not UTF-8 text") from None
+    if _expands_beyond(data, MAX_CONFIG_VALUES):
+        raise ValueError(
+            f"{config_file}: expands to more than {MAX_CONFIG_VALUES} values (through YAML "
+            "aliases); write the values out"
+        )
     if not isinstance(data, dict):
         raise ValueError(f"{config_file}: expected a mapping of fields, got {type(data).__name__}")
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as exc:
         raise ValueError(_describe_validation_error(config_file, exc)) from None
+
+
+def _expands_beyond(data: object, budget: int) -> bool:
+    """Whether walking `data` (aliases followed) meets more than `budget` values; stops as
+    soon as it does, so the walk costs at most `budget` steps."""
+    todo = [data]
+    while todo:
+        budget -= 1
+        if budget < 0:
+            return True
+        item = todo.pop()
+        if isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return False
 
 
 def _version_folders(model_dir: Path) -> tuple[list[int], list[str]]:

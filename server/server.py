@@ -61,6 +61,7 @@ class Server:
             self._state,
             _version(),
             settings.strict_readiness,
+            settings.max_request_elements,
         )
         # Credentials and certificates are read now: a server does not start on bad ones.
         self.security = Security(settings, settings.model_repository)

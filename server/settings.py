@@ -135,9 +135,12 @@ class ServerSettings(BaseModel):
     http_server_cert: str = Field(
         "", description="PEM certificate for HTTPS; default: --grpc-server-cert."
     )
-    http_server_key: str = Field("", description="PEM private key for HTTPS; default: --grpc-server-key.")
+    http_server_key: str = Field(
+        "", description="PEM private key for HTTPS; default: --grpc-server-key."
+    )
     http_root_cert: str = Field(
-        "", description="PEM CA certificates for HTTPS client certificates; default: --grpc-root-cert."
+        "",
+        description="PEM CA certificates for HTTPS client certificates; default: --grpc-root-cert.",
     )
     # ---- who may call what ----
     auth_token_file: str = Field(
@@ -179,10 +182,15 @@ class ServerSettings(BaseModel):
         0, ge=0, description="Most requests one client may have in flight; 0: no limit."
     )
     client_max_rps: float = Field(
-        0.0, ge=0, description="Requests per second one client may send (a token bucket); 0: no limit."
+        0.0,
+        ge=0,
+        description="Requests per second one client may send (a token bucket); 0: no limit.",
     )
     client_burst: int = Field(
-        0, ge=0, description="Requests one client may send at once above --client-max-rps; 0: one second's worth."
+        0,
+        ge=0,
+        description="Requests one client may send at once above --client-max-rps; 0: one "
+        "second's worth.",
     )
     max_request_elements: int = Field(
         0,

@@ -10,6 +10,7 @@ is allocated for it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -120,9 +121,14 @@ def _check_shape(tensor: TensorConfig, shape: list[int], config: ModelConfig, mo
 
 
 def validate(
-    request: WireRequest, key: ModelKey, config: ModelConfig, context: RequestContext
+    request: WireRequest,
+    key: ModelKey,
+    config: ModelConfig,
+    context: RequestContext,
+    max_elements: int = 0,
 ) -> InferenceRequest:
-    """Checks a request against the model's config and decodes its tensors."""
+    """Checks a request against the model's config (and, unless 0, its tensors' elements
+    all together against `max_elements`) and decodes its tensors."""
     model = key.name
     context.version = str(key.version)
     _check_parameters(request.parameters, model)
@@ -173,6 +179,13 @@ def validate(
             )
         if batch_size < 1:
             raise InvalidInput(f"inference request batch-size must be >= 1 for '{model}'")
+    if max_elements:
+        elements = sum(math.prod(tensor.shape) for tensor, _ in claims)
+        if elements > max_elements:
+            raise InvalidInput(
+                f"the request for model '{model}' holds {elements} tensor elements, more than "
+                f"this server takes in one request ({max_elements}, --max-request-elements)"
+            )
     outputs = _requested_outputs(request.outputs, config, model)
 
     inputs = {}

@@ -58,7 +58,14 @@ class ServerProcess:
     """`serverctl serve` in a subprocess; `url` is host:port for gRPC clients, `http_url` for
     HTTP/REST ones."""
 
-    def __init__(self, repository: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.credentials = credentials  # for the health check of a TLS server
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         # Every server gets its own HTTP port too: parallel servers never meet on 8000.
@@ -101,7 +108,12 @@ class ServerProcess:
 
     def wait_serving(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.url) as channel:
+        channel = (
+            grpc.secure_channel(self.url, self.credentials)
+            if self.credentials is not None
+            else grpc.insecure_channel(self.url)
+        )
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
