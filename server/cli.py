@@ -14,7 +14,7 @@ import sys
 import traceback
 from importlib import metadata
 
-from .commands import build, bundles, serve, validate
+from .commands import build, bundles, containerize, serve, validate
 from .settings import ENV_PREFIX, SettingsError
 
 VERBS = {
@@ -22,6 +22,7 @@ VERBS = {
     "validate": validate,
     "build": build,
     "bundles": bundles,
+    "containerize": containerize,
 }
 # The frameworks behind the backends, by distribution name, as --version reports them.
 FRAMEWORKS = ("onnxruntime", "onnxruntime-gpu", "torch", "tritonclient", "numpy", "grpcio")
