@@ -78,6 +78,10 @@ class DynamicBatcher:
     def queued(self) -> int:
         return sum(self._sizes.values())
 
+    def depths(self) -> dict[int, int]:
+        """Requests waiting, by priority level."""
+        return dict(self._sizes)
+
     def put(self, request: InferenceRequest) -> asyncio.Future[InferenceResponse]:
         """Enqueues a request; raises QueueFull when its level's queue is at max_queue_size."""
         loop = asyncio.get_running_loop()

@@ -47,8 +47,8 @@ class RequestContext:
     the subject of the client's verified TLS certificate ("" without mutual TLS);
     `principal` who the caller is once authenticated ("" while nothing authenticates)
     with `roles` and `allowed_models` saying what it may do; `trace` the caller's trace
-    context (traceparent and friends, empty while nothing traces). `on_finish` callbacks run once, with the final status name,
-    when the call is answered.
+    context (traceparent and friends, empty while nothing traces). `on_finish` callbacks
+    run once, with the final status name, when the call is answered.
     """
 
     __slots__ = (

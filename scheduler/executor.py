@@ -16,7 +16,7 @@ from .admission import ServiceRate
 from .batcher import DynamicBatcher, Entry
 from .instance import Execution, Instance
 from .request import InferenceRequest, InferenceResponse, ModelKey
-from .statistics import ModelStatistics
+from .statistics import InstanceState, LiveState, ModelStatistics
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,34 @@ class ModelExecutor:
         self._idle: dict[str, asyncio.Task[None]] = {}
         self._interrupted: set[str] = set()
         self._running = 0
+        self._running_requests = 0
+        # Per instance: nanoseconds spent running batches, and when its current batch began.
+        self._busy_ns: dict[str, int] = {}
+        self._busy_since: dict[str, int] = {}
         self._closed = False
+        self.statistics.live_state = self.live_state
+
+    def live_state(self) -> LiveState:
+        """Queues, requests in flight and instances as they are now (read from any thread:
+        each value is read whole; a scrape may see one batch's start and not its end)."""
+        now = time.monotonic_ns()
+        busy_since = dict(self._busy_since)
+        return LiveState(
+            queue_depth=self._batcher.depths(),
+            in_flight=self._batcher.queued() + self._running_requests,
+            instances=[
+                InstanceState(
+                    name=i.name,
+                    # A batch running now counts up to now, so that a long batch does not
+                    # show as idle and then as a burst.
+                    busy_ns=self._busy_ns.get(i.name, 0)
+                    + (now - busy_since[i.name] if i.name in busy_since else 0),
+                    restarts=i.restarts,
+                    pid=i.pid,
+                )
+                for i in self._instances
+            ],
+        )
 
     async def start(self) -> None:
         """Loads every instance (concurrently) and starts serving."""
@@ -155,6 +182,8 @@ class ModelExecutor:
             if not entries:
                 continue
             self._running += 1
+            self._running_requests += len(entries)
+            busy_since = self._busy_since[instance.name] = time.monotonic_ns()
             try:
                 await self._execute(instance, entries)
             except Exception:  # a bug here must not stop the instance serving
@@ -162,6 +191,10 @@ class ModelExecutor:
                 self._fail(entries, BackendError("the server failed while running this batch"))
             finally:
                 self._running -= 1
+                self._running_requests -= len(entries)
+                del self._busy_since[instance.name]
+                busy_ns = time.monotonic_ns() - busy_since
+                self._busy_ns[instance.name] = self._busy_ns.get(instance.name, 0) + busy_ns
 
     async def _execute(self, instance: Instance, entries: list[Entry]) -> None:
         started = time.monotonic_ns()
@@ -215,7 +248,8 @@ class ModelExecutor:
             responses = self._scatter(requests, execution)
             for index, error in failed.items():  # the requests the backend reported fail alone
                 responses[index] = self._request_error(error)
-        output_ns = time.perf_counter_ns() - output_start
+        # The worker's copy into the arena, and the copy out of it into each response.
+        output_ns = execution.output_ns + time.perf_counter_ns() - output_start
         rows = sum(r.batch_size for r in requests)
         stats.record_execution(
             rows, len(requests), execution.input_ns, execution.infer_ns, output_ns

@@ -20,7 +20,7 @@ from tiffin.protos.errors import BackendError, DeadlineExceeded, ModelNotReady, 
 from tiffin.protos.model_config import ModelConfig
 
 from .request import InferenceRequest, InferenceResponse, ModelKey
-from .statistics import ModelStatistics
+from .statistics import LiveState, ModelStatistics
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ class ForwardingExecutor:
         self._stop_grace = stop_grace_seconds
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        # No queue and no instances here: what is in flight is all there is to tell.
+        self.statistics.live_state = lambda: LiveState(in_flight=len(self._tasks))
 
     async def start(self) -> None:
         """Loads the backend (opens its connection); raises if it cannot serve."""
@@ -88,7 +90,9 @@ class ForwardingExecutor:
             self._finish(request, future, error=error)
             return
         forwarding_ns = time.monotonic_ns() - started
-        self.statistics.record_execution(request.batch_size, 1, 0, forwarding_ns, 0)
+        # The remote call is one span: encoding, network and the remote server's own
+        # queue and compute cannot be told apart from here.
+        self.statistics.record_execution(request.batch_size, 1, 0, forwarding_ns, 0, split=False)
         self._finish(request, future, response=response)
 
     async def _call(self, request: InferenceRequest) -> dict[str, np.ndarray]:

@@ -40,12 +40,17 @@ RESTART_BACKOFF_SECONDS = (0.2, 1.0, 2.0, 5.0, 10.0)
 @dataclass
 class Execution:
     """The outputs of one batch, whole (all rows), how long its stages took, and the
-    requests that the backend reported failed (index in the batch -> error)."""
+    requests that the backend reported failed (index in the batch -> error).
+
+    `input_ns` is gathering the inputs (into the arena, for a worker), `infer_ns` the
+    backend's call, `output_ns` the worker copying outputs into the arena (0 inline,
+    where outputs are not copied)."""
 
     outputs: dict[str, np.ndarray]  # empty when every request failed
     borrowed: bool  # the arrays view an arena that the instance's next batch reuses
     input_ns: int
     infer_ns: int
+    output_ns: int = 0
     failed: dict[int, TiffinError] = field(default_factory=dict)
 
 
@@ -57,9 +62,15 @@ class Instance(Protocol):
     name: str
     device: Device
     restart_failure: str | None  # why its worker could not start again, while it cannot
+    restarts: int  # attempts to start its worker process again after it exited
 
     @property
     def alive(self) -> bool: ...
+
+    @property
+    def pid(self) -> int:
+        """Its worker process's id; 0 when it runs in the server process or none runs."""
+        ...
 
     async def load(self) -> None: ...
 
@@ -106,10 +117,15 @@ class InlineInstance:
         self._backend: Backend | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inline-{name}")
         self.restart_failure: str | None = None  # never restarts: it runs in this process
+        self.restarts = 0
 
     @property
     def alive(self) -> bool:
         return self._backend is not None
+
+    @property
+    def pid(self) -> int:
+        return 0
 
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
@@ -153,7 +169,7 @@ class InlineInstance:
         except Exception as exc:
             raise BackendError(str(exc) or type(exc).__name__) from exc
         if len(failed) == len(rows):  # no outputs are needed when every request failed
-            return Execution({}, False, begin - start, infer_ns, failure_errors(failed))
+            return Execution({}, False, begin - start, infer_ns, failed=failure_errors(failed))
         results = result.outputs
         missing = [n for n in outputs if n not in results]
         if missing:
@@ -163,7 +179,7 @@ class InlineInstance:
             False,
             begin - start,
             infer_ns,
-            failure_errors(failed) if failed else {},
+            failed=failure_errors(failed) if failed else {},
         )
 
     async def unload(self) -> None:
@@ -216,11 +232,17 @@ class WorkerInstance:
         self._stopping = False
         self._restarting: asyncio.Task[None] | None = None
         self.restart_failure: str | None = None
+        self.restarts = 0
         self.worker_info: dict[str, Any] = {}  # what the worker reported: pid, environment
 
     @property
     def alive(self) -> bool:
         return self._alive.is_set()
+
+    @property
+    def pid(self) -> int:
+        process = self._process
+        return int(process.pid) if process is not None and process.pid else 0
 
     async def load(self) -> None:
         self._arena = Arena.create(self.name, self._arena_bytes)
@@ -308,6 +330,7 @@ class WorkerInstance:
             await asyncio.sleep(delay)
             if self._stopping:
                 return
+            self.restarts += 1
             try:
                 await self._start_process()
                 return
@@ -352,12 +375,13 @@ class WorkerInstance:
             raise BackendError(message[1])
         if message[0] == "invalid":
             raise InvalidInput(message[1])
-        _, output_refs, infer_ns, failed = message
+        _, output_refs, infer_ns, output_ns, failed = message
         return Execution(
             {ref.name: view(self._arena, ref) for ref in output_refs},
             True,
             input_ns,
             infer_ns,
+            output_ns,
             failure_errors(failed) if failed else {},
         )
 

@@ -18,7 +18,7 @@ from tiffin.protos.errors import BackendError, ModelNotReady, TiffinError
 from tiffin.protos.model_config import ModelConfig, PipelineStep, TensorConfig, shape_fits
 
 from .request import InferenceRequest, InferenceResponse, ModelKey
-from .statistics import ModelStatistics
+from .statistics import LiveState, ModelStatistics
 
 # (model name, version or -1 for the newest) -> the loaded version's key and config.
 Resolve = Callable[[str, int], tuple[ModelKey, ModelConfig]]
@@ -64,6 +64,8 @@ class PipelineExecutor:
         self._enqueue = enqueue
         self._running: set[asyncio.Task[InferenceResponse]] = set()
         self._closed = False
+        # Its steps' queues and instances are their models' own.
+        self.statistics.live_state = lambda: LiveState(in_flight=len(self._running))
 
     def _step_name(self, index: int) -> str:
         return f"pipeline '{self.key.name}' step {index + 1} (model '{self._steps[index].model}')"
@@ -111,7 +113,8 @@ class PipelineExecutor:
             self.statistics.record_outcome(False, time.monotonic_ns() - request.arrival_ns)
             raise
         elapsed = time.perf_counter_ns() - started
-        self.statistics.record_execution(request.batch_size, 1, 0, elapsed, 0)
+        # The time through all its steps; their own models' statistics split their compute.
+        self.statistics.record_execution(request.batch_size, 1, 0, elapsed, 0, split=False)
         self.statistics.record_outcome(True, time.monotonic_ns() - request.arrival_ns)
         return InferenceResponse(self.key, outputs, request.id)
 

@@ -8,8 +8,8 @@ headers; tensors stay in the shared-memory arena.
                         [rows of each request])
                        ("stop",)
   worker -> frontend   ("ready", {pid, environment})  or  ("failed", message)   once
-                       ("done", [TensorRef outputs], infer_ns, {request index: (at fault,
-                        message)} for the requests the backend reported failed),
+                       ("done", [TensorRef outputs], infer_ns, output_ns, {request index:
+                        (at fault, message)} for the requests the backend reported failed),
                        ("error", message) or ("invalid", message) when the backend raised
                        for the whole batch (InvalidInput: "invalid")
 """
@@ -72,6 +72,7 @@ def run_worker(
             del inputs
             failed = failure_messages(result, len(rows))
             refs = []
+            written = time.perf_counter_ns()
             if len(failed) < len(rows):  # no outputs are needed when every request failed
                 for name in outputs:
                     if name not in result.outputs:
@@ -79,7 +80,9 @@ def run_worker(
                     array = _as_array(result.outputs[name])
                     ref, free_offset = write(arena, name, array, free_offset)
                     refs.append(ref)
-            reply: tuple[Any, ...] = ("done", refs, infer_ns, failed)
+            # Copying the outputs into the arena: the worker's part of compute_output.
+            output_ns = time.perf_counter_ns() - written
+            reply: tuple[Any, ...] = ("done", refs, infer_ns, output_ns, failed)
         except InvalidInput as exc:  # the request's fault, not the model's
             reply = ("invalid", exc.message)
         except Exception as exc:
