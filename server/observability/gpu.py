@@ -66,6 +66,6 @@ class Gpus:
                         memory_total_bytes=int(memory.total),
                     )
                 )
-        except nvml.NVMLError as exc:  # a device lost (Xid, reset): report the others next time
+        except nvml.NVMLError as exc:  # a device lost (Xid, reset): the ones read so far
             log.warning("reading GPU metrics from NVML failed: %s", exc)
         return samples
