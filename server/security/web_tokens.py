@@ -163,8 +163,17 @@ class JwtVerifier:
             raise Unauthenticated("the JWT is signed with an algorithm not accepted") from None
         except jwt.exceptions.InvalidSignatureError:
             raise Unauthenticated("the JWT's signature does not verify") from None
+        except jwt.exceptions.InvalidKeyError:
+            raise Unauthenticated(
+                "the JWT's algorithm does not fit this server's key, so its signature does not "
+                "verify"
+            ) from None
         except jwt.exceptions.PyJWTError:
             raise Unauthenticated("the JWT is malformed") from None
+        except (ValueError, TypeError):  # a key of another kind than the token's algorithm
+            raise Unauthenticated(
+                "the JWT's signature does not verify with this server's keys"
+            ) from None
 
     def _from_claims(self, claims: dict[str, Any]) -> Principal:
         subject = claims.get("sub")
