@@ -94,9 +94,11 @@ def build_bundle(
     backends: list[str],
     requirement_files: list[Path],
     wheels: bool = False,
+    source: Source | None = None,
 ) -> Manifest:
     """Writes the bundle of `model_dirs` (the repository's model folders) to `output`; an
-    empty `tag` becomes the first 12 digits of the content hash."""
+    empty `tag` becomes the first 12 digits of the content hash. `source`: the commit the
+    files come from (default: the one `repository` is checked out at, if any)."""
     entries: dict[str, Path | bytes] = {}
     for model_dir in sorted(model_dirs, key=lambda p: p.name):
         for inside, path in model_files(model_dir):
@@ -118,7 +120,7 @@ def build_bundle(
             tiffin=metadata.version("tiffin"),
             python=platform.python_version(),
             backends=sorted(set(backends)),
-            source=git_source(repository),
+            source=source or git_source(repository),
             files=files,
             content_hash=whole,
         )

@@ -117,6 +117,29 @@ def test_source_commit_recorded(repository: Path, tmp_path: Path, store: Path) -
     assert manifest["source"] == {"commit": commit.strip(), "dirty": False}
 
 
+def test_build_from_a_git_ref(repository: Path, tmp_path: Path, store: Path) -> None:
+    # The repository is a folder inside a checkout, as in most projects.
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "models"], check=True)
+    subprocess.run([*git, "commit", "-qm", "models"], check=True)
+    clean = tmp_path / "clean.tar.gz"
+    build(repository, clean, "--tag", "v1")
+    config = repository / "uppercase" / "config.yaml"
+    config.write_text(config.read_text() + "# not committed\n")
+    shutil.rmtree(repository / "classifier" / "2")
+    worktree = tmp_path / "worktree.tar.gz"
+    build(repository, worktree, "--tag", "v1")
+    assert json.loads(members(worktree)["manifest.json"])["source"]["dirty"] is True
+    from_ref = tmp_path / "ref.tar.gz"
+    build(repository, from_ref, "--tag", "v1", "--git-ref", "HEAD")
+    # The commit's files, whatever the working tree holds now.
+    assert from_ref.read_bytes() == clean.read_bytes()
+    assert worktree.read_bytes() != clean.read_bytes()
+    done = serverctl("build", str(repository), "--output", str(tmp_path / "x"), "--git-ref", "nope")
+    assert done.returncode == 1 and "--git-ref nope is not a commit, branch or tag" in done.stderr
+
+
 def test_only_a_repository_that_validates_is_built(
     repository: Path, tmp_path: Path, store: Path
 ) -> None:
@@ -233,6 +256,9 @@ class BundleServer(ServerProcess):
     """`serverctl serve --bundle REFERENCE` on free loopback ports."""
 
     def __init__(self, reference: str, tmp: Path) -> None:
+        # ServerProcess's own start names a repository; the rest of it (health wait, log,
+        # stop) serves as it is.
+        self.credentials = None
         self.port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.log_path = tmp / f"serve-{self.port}.log"

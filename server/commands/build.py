@@ -9,9 +9,12 @@ bundle store (`serverctl bundles`).
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from tiffin.bundles.builder import build_bundle
+from tiffin.bundles.gitref import export
+from tiffin.bundles.manifest import Source
 from tiffin.bundles.store import BundleStore, label_problem
 
 from ..repository import read_repository
@@ -28,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="The bundle's name (default: the repository's folder name).")
     parser.add_argument(
         "--tag", help="The bundle's version tag (default: the first 12 digits of its hash)."
+    )
+    parser.add_argument(
+        "--git-ref",
+        metavar="REF",
+        help="Build the repository as this git commit, branch or tag holds it, rather than "
+        "its working tree.",
     )
     parser.add_argument(
         "--wheels",
@@ -49,6 +58,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     repository: Path = args.model_repository
+    if not args.git_ref:
+        return _build(args, repository, None)
+    if not repository.is_dir():
+        raise ValueError(f"model repository {repository} is not a folder")
+    exported, source = export(repository, args.git_ref)
+    try:
+        return _build(args, exported, source)
+    finally:
+        shutil.rmtree(exported.parent, ignore_errors=True)
+
+
+def _build(args: argparse.Namespace, repository: Path, source: Source | None) -> int:
     name = args.name or repository.resolve().name
     for what, value in (("--name", name), ("--tag", args.tag)):
         problem = label_problem(what, value) if value is not None else ""
@@ -95,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         backends,
         requirement_files,
         wheels=args.wheels,
+        source=source,
     )
     size = args.output.stat().st_size
     print(
