@@ -60,6 +60,11 @@ class BatchResult:
 
     outputs: dict[str, np.ndarray]
     failed: dict[int, Exception] = field(default_factory=dict)
+    # Of the call's time, how long the backend spent moving the inputs onto its device and
+    # the outputs off it (a GPU's host-device copies): told apart, they count as compute
+    # input and output rather than infer, as Triton counts them. 0 where it cannot tell.
+    input_ns: int = 0
+    output_ns: int = 0
 
 
 class BackendBase:

@@ -44,6 +44,7 @@ config.yaml against it.
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ import numpy as np
 from tiffin.protos.datatypes import DATATYPES
 from tiffin.protos.model_config import ModelConfig
 
-from .base import Backend, Device, MissingDependency, reject_unknown_parameters
+from .base import Backend, BatchResult, Device, MissingDependency, reject_unknown_parameters
 from .cpu_budget import (
     THREAD_NOTE,
     announce,
@@ -344,8 +345,20 @@ class TorchBackend(Backend):
     def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         """Runs one batch in inference mode (under autocast if configured), inputs passed by
         name, outputs named as config.yaml declares them."""
+        return self.infer_batch(inputs, outputs, []).outputs
+
+    def infer_batch(
+        self, inputs: dict[str, np.ndarray], outputs: list[str], rows: list[int]
+    ) -> BatchResult:
+        """`infer`, telling apart the time spent moving tensors onto the device and back
+        (on a GPU, the host-device copies that Triton counts as compute input and output)."""
         torch = self._torch
+        on_gpu = self._device.type == "cuda"
+        start = time.perf_counter_ns()
         tensors = {name: self._tensor(name, array) for name, array in inputs.items()}
+        if on_gpu:  # copies may still be in flight: what follows must not wait for them
+            torch.cuda.synchronize(self._device)
+        copied_in = time.perf_counter_ns()
         missing = [n for n in self._positional if n not in tensors]
         if missing:
             raise ValueError(f"input(s) {', '.join(missing)} are missing from the request")
@@ -359,7 +372,12 @@ class TorchBackend(Backend):
         with torch.inference_mode(), autocast:
             result = self._module(*args, **kwargs)
         named = self._name_outputs(result, outputs)
-        return {name: self._array(name, named[name]) for name in outputs}
+        if on_gpu:  # kernels run asynchronously: the copy back would otherwise wait for them
+            torch.cuda.synchronize(self._device)
+        computed = time.perf_counter_ns()
+        arrays = {name: self._array(name, named[name]) for name in outputs}
+        done = time.perf_counter_ns()
+        return BatchResult(arrays, input_ns=copied_in - start, output_ns=done - computed)
 
     def _tensor(self, name: str, array: np.ndarray) -> Any:
         """One input as a tensor on the instance's device: the same memory on the CPU, one

@@ -30,7 +30,7 @@ from tiffin.protos.model_config import ModelConfig
 from .arena import Arena
 from .request import InferenceRequest
 from .tensorref import view, write_inputs
-from .worker import failure_messages, run_worker
+from .worker import failure_messages, run_worker, split
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,10 @@ class Execution:
     """The outputs of one batch, whole (all rows), how long its stages took, and the
     requests that the backend reported failed (index in the batch -> error).
 
-    `input_ns` is gathering the inputs (into the arena, for a worker), `infer_ns` the
-    backend's call, `output_ns` the worker copying outputs into the arena (0 inline,
-    where outputs are not copied)."""
+    `input_ns` is gathering the inputs (into the arena, for a worker) and the backend's
+    copy onto its device, `infer_ns` the rest of the backend's call, `output_ns` the
+    backend's copy off its device and a worker's copy of the outputs into the arena (see
+    BatchResult)."""
 
     outputs: dict[str, np.ndarray]  # empty when every request failed
     borrowed: bool  # the arrays view an arena that the instance's next batch reuses
@@ -162,14 +163,16 @@ class InlineInstance:
         begin = time.perf_counter_ns()
         try:
             result = self._backend.infer_batch(inputs, outputs, rows)
-            infer_ns = time.perf_counter_ns() - begin
+            call_ns = time.perf_counter_ns() - begin
             failed = failure_messages(result, len(rows))
         except InvalidInput:  # the request's fault, not the model's
             raise
         except Exception as exc:
             raise BackendError(str(exc) or type(exc).__name__) from exc
+        device_input_ns, infer_ns, output_ns = split(result, call_ns)
+        input_ns = begin - start + device_input_ns
         if len(failed) == len(rows):  # no outputs are needed when every request failed
-            return Execution({}, False, begin - start, infer_ns, failed=failure_errors(failed))
+            return Execution({}, False, input_ns, infer_ns, output_ns, failure_errors(failed))
         results = result.outputs
         missing = [n for n in outputs if n not in results]
         if missing:
@@ -177,9 +180,10 @@ class InlineInstance:
         return Execution(
             {n: np.asarray(results[n]) for n in outputs},
             False,
-            begin - start,
+            input_ns,
             infer_ns,
-            failed=failure_errors(failed) if failed else {},
+            output_ns,
+            failure_errors(failed) if failed else {},
         )
 
     async def unload(self) -> None:
@@ -375,11 +379,11 @@ class WorkerInstance:
             raise BackendError(message[1])
         if message[0] == "invalid":
             raise InvalidInput(message[1])
-        _, output_refs, infer_ns, output_ns, failed = message
+        _, output_refs, device_input_ns, infer_ns, output_ns, failed = message
         return Execution(
             {ref.name: view(self._arena, ref) for ref in output_refs},
             True,
-            input_ns,
+            input_ns + device_input_ns,
             infer_ns,
             output_ns,
             failure_errors(failed) if failed else {},

@@ -8,8 +8,10 @@ headers; tensors stay in the shared-memory arena.
                         [rows of each request])
                        ("stop",)
   worker -> frontend   ("ready", {pid, environment})  or  ("failed", message)   once
-                       ("done", [TensorRef outputs], infer_ns, output_ns, {request index:
-                        (at fault, message)} for the requests the backend reported failed),
+                       ("done", [TensorRef outputs], input_ns, infer_ns, output_ns,
+                        {request index: (at fault, message)} for the requests the backend
+                        reported failed); input_ns is the backend's own copy onto its device
+                        (the frontend adds its copy into the arena)
                        ("error", message) or ("invalid", message) when the backend raised
                        for the whole batch (InvalidInput: "invalid")
 """
@@ -68,9 +70,10 @@ def run_worker(
             inputs = {ref.name: view(arena, ref) for ref in input_refs}
             start = time.perf_counter_ns()
             result = backend.infer_batch(inputs, outputs, rows)
-            infer_ns = time.perf_counter_ns() - start
+            call_ns = time.perf_counter_ns() - start
             del inputs
             failed = failure_messages(result, len(rows))
+            input_ns, infer_ns, device_output_ns = split(result, call_ns)
             refs = []
             written = time.perf_counter_ns()
             if len(failed) < len(rows):  # no outputs are needed when every request failed
@@ -80,15 +83,22 @@ def run_worker(
                     array = _as_array(result.outputs[name])
                     ref, free_offset = write(arena, name, array, free_offset)
                     refs.append(ref)
-            # Copying the outputs into the arena: the worker's part of compute_output.
-            output_ns = time.perf_counter_ns() - written
-            reply: tuple[Any, ...] = ("done", refs, infer_ns, output_ns, failed)
+            # compute_output: the backend's copy off its device, then ours into the arena.
+            output_ns = device_output_ns + time.perf_counter_ns() - written
+            reply: tuple[Any, ...] = ("done", refs, input_ns, infer_ns, output_ns, failed)
         except InvalidInput as exc:  # the request's fault, not the model's
             reply = ("invalid", exc.message)
         except Exception as exc:
             reply = ("error", str(exc) or type(exc).__name__)
         conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
     backend.unload()
+
+
+def split(result: BatchResult, call_ns: int) -> tuple[int, int, int]:
+    """A backend call's nanoseconds as (input, infer, output): the copies onto and off the
+    device that the backend reported, and the rest."""
+    input_ns, output_ns = max(int(result.input_ns), 0), max(int(result.output_ns), 0)
+    return input_ns, max(call_ns - input_ns - output_ns, 0), output_ns
 
 
 def failure_messages(result: BatchResult, requests: int) -> dict[int, tuple[bool, str]]:

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
+from tiffin.backends import BatchResult
 from tiffin.protos.model_config import ModelConfig
 from tiffin.scheduler import InferenceRequest, ModelKey, Scheduler
+from tiffin.scheduler.worker import split
 from tiffin.server.observability.process import sample
 
 KEY = ModelKey("slow", 1)
@@ -95,3 +99,43 @@ def test_inline_instance(tmp_path: Path) -> None:
 
 def test_a_process_that_is_gone_has_no_sample() -> None:
     assert sample(2**22 + 12345) is None  # above Linux's largest pid
+
+
+def test_a_backend_call_splits_into_its_copies_and_the_rest() -> None:
+    assert split(BatchResult({}, input_ns=10, output_ns=5), 100) == (10, 85, 5)
+    assert split(BatchResult({}), 100) == (0, 100, 0)  # nothing reported: all of it is infer
+    assert split(BatchResult({}, input_ns=-3, output_ns=500), 100) == (0, 0, 500)  # clamped
+
+
+def test_torch_reports_its_copies(tmp_path: Path) -> None:
+    """The torch backend times moving tensors onto its device and back (on the CPU, making
+    the tensors and the arrays), which the worker counts as compute input and output."""
+    torch = pytest.importorskip("torch")
+    from tiffin.backends import Device
+    from tiffin.backends.torch import TorchBackend
+
+    class Double(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    with warnings.catch_warnings():  # torchscript is deprecated; still one of the formats
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(Double()), tmp_path / "model.pt")
+    config = ModelConfig.model_validate(
+        yaml.safe_load(
+            """
+name: double
+backend: torch
+max_batch_size: 8
+inputs: [{name: x, datatype: FP32, dims: [4]}]
+outputs: [{name: OUTPUT__0, datatype: FP32, dims: [4]}]
+"""
+        )
+    )
+    backend = TorchBackend()
+    backend.load(config, tmp_path, Device("cpu"))
+    result = backend.infer_batch({"x": np.ones((2, 4), np.float32)}, ["OUTPUT__0"], [2])
+    np.testing.assert_array_equal(result.outputs["OUTPUT__0"], np.full((2, 4), 2, np.float32))
+    assert result.input_ns > 0 and result.output_ns > 0
+    single = backend.infer({"x": np.ones((1, 4), np.float32)}, ["OUTPUT__0"])  # infer as before
+    np.testing.assert_array_equal(single["OUTPUT__0"], [[2, 2, 2, 2]])

@@ -131,6 +131,14 @@ def in_flight(server: ServerProcess) -> float:
     return 0.0
 
 
+def until(done: Callable[[], bool], failure: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(failure)
+        time.sleep(0.01)
+
+
 def test_prometheus_sees_what_was_sent(prometheus_and_server) -> None:
     prometheus, server = prometheus_and_server
     began = time.monotonic()
@@ -146,13 +154,11 @@ def test_prometheus_sees_what_was_sent(prometheus_and_server) -> None:
     # The instance held by a slow batch; 3 requests at priority 1 and 2 at 2 wait behind it.
     hold = threading.Thread(target=send, args=(HOLD_SECONDS,))
     hold.start()
-    while in_flight(server) < 1:
-        time.sleep(0.01)
+    until(lambda: in_flight(server) == 1, "the slow batch never ran")
     waiting = [threading.Thread(target=send, args=(0.0, p)) for p in (1, 1, 1, 2, 2)]
     for thread in waiting:
         thread.start()
-    while in_flight(server) < 6:
-        time.sleep(0.01)
+    until(lambda: in_flight(server) == 6, "the requests behind it never queued")
     for thread in (hold, *waiting):
         thread.join()
 
@@ -186,7 +192,7 @@ def test_prometheus_sees_what_was_sent(prometheus_and_server) -> None:
     assert sent - 1 <= increase <= 2 * sent
     assert check(f"sum(rate(tiffin_requests_total{SLOW}[1m]))") > 0
 
-    # Latency: most requests answer at once, the 6 held ones (3% of them) after ~3 s.
+    # Latency: most requests answer at once, the 6 held ones (3% of them) after 2 to 3 s.
     p50 = check(
         "histogram_quantile(0.5, sum by (le) "
         f"(rate(tiffin_request_duration_seconds_bucket{SLOW}[1m])))"
@@ -195,7 +201,7 @@ def test_prometheus_sees_what_was_sent(prometheus_and_server) -> None:
         "histogram_quantile(0.99, sum by (le) "
         f"(rate(tiffin_request_duration_seconds_bucket{SLOW}[1m])))"
     )
-    assert p50 < 0.5 and 2.5 <= p99 <= 5.0  # the bucket 2.5 s .. 5 s holds the held ones
+    assert p50 < 0.5 and 1.0 <= p99 <= 5.0  # in the held ones' buckets, 1 s .. 5 s
     assert check(f"sum(tiffin_request_duration_seconds_count{SLOW})") == sent
     queue_p99 = check(
         "histogram_quantile(0.99, sum by (le) "
