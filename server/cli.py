@@ -14,7 +14,7 @@ import sys
 import traceback
 from importlib import metadata
 
-from .commands import build, bundles, containerize, serve, validate
+from .commands import build, bundles, containerize, deploy, serve, validate
 from .settings import ENV_PREFIX, SettingsError
 
 VERBS = {
@@ -23,6 +23,7 @@ VERBS = {
     "build": build,
     "bundles": bundles,
     "containerize": containerize,
+    "deploy": deploy,
 }
 # The frameworks behind the backends, by distribution name, as --version reports them.
 FRAMEWORKS = ("onnxruntime", "onnxruntime-gpu", "torch", "tritonclient", "numpy", "grpcio")

