@@ -7,6 +7,7 @@ Linux there is no /proc, and nothing is reported.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ class ProcessSample:
     start_time_seconds: float  # since the Unix epoch
 
 
+@functools.cache
 def _clock() -> tuple[int, int, float]:
     """Clock ticks a second, bytes a page, and when the machine booted (epoch seconds)."""
     boot = 0.0
@@ -36,16 +38,10 @@ def _clock() -> tuple[int, int, float]:
     return os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE"), boot
 
 
-_clock_cache: tuple[int, int, float] | None = None
-
-
 def sample(pid: int) -> ProcessSample | None:
     """The process `pid` now; None when it is gone or /proc cannot tell."""
-    global _clock_cache
     try:
-        if _clock_cache is None:
-            _clock_cache = _clock()
-        ticks, page, boot = _clock_cache
+        ticks, page, boot = _clock()
         stat = (_PROC / str(pid) / "stat").read_text()
         # The command name (field 2) may hold spaces and parentheses: split after its end.
         fields = stat[stat.rindex(")") + 2 :].split()
