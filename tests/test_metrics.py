@@ -6,7 +6,6 @@ the requests the test sent, under the right labels, from both front doors.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import threading
@@ -419,14 +418,15 @@ class _OneGpu(Gpus):
         return [GpuSample(0, "GPU-1234", 0.25, 1 << 30, 80 << 30)]
 
 
-def test_gpu_metrics_only_where_nvml_reports_devices() -> None:
+def test_gpu_metrics_only_where_nvml_reports_devices(monkeypatch) -> None:
     samples = parse(Metrics(lambda: [], gpus=_OneGpu()).render())
     gpu = {"gpu": "0", "gpu_uuid": "GPU-1234"}
     assert value(samples, "tiffin_gpu_utilization_ratio", **gpu) == 0.25
     assert value(samples, "tiffin_gpu_memory_used_bytes", **gpu) == 1 << 30
     assert value(samples, "tiffin_gpu_memory_total_bytes", **gpu) == 80 << 30
-    if importlib.util.find_spec("pynvml") is None:  # no NVML: simply no GPU metrics
-        assert "tiffin_gpu" not in Metrics(lambda: []).render()
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no nvidia-ml-py: importing it fails
+    without = Metrics(lambda: []).render()
+    assert "tiffin_gpu" not in without and "process_open_fds" in without  # simply absent
 
 
 @pytest.mark.gpu
