@@ -367,3 +367,17 @@ def test_store_tampering_refused(repository: Path, tmp_path: Path, store: Path) 
     done = serverctl("serve", "--bundle", "demo:v1", "--grpc-port", str(free_port()))
     assert done.returncode == 1
     assert "the bundle was changed" in done.stderr
+
+
+def test_serve_takes_a_repository_or_a_bundle(repository: Path, store: Path) -> None:
+    both = serverctl("serve", "--bundle", "demo:v1", "--model-repository", str(repository))
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    from_env = serverctl("serve", "--bundle", "demo:v1", env={"TIFFIN_MODEL_REPOSITORY": "m"})
+    assert from_env.returncode == 2 and "are both given; serve one or the other" in from_env.stderr
+    neither = serverctl("serve", env={"TIFFIN_MODEL_REPOSITORY": ""})
+    assert neither.returncode == 2
+    assert "--model-repository or --bundle is required." in neither.stderr
+    unknown = serverctl("serve", "--bundle", "demo:nope")
+    assert unknown.returncode == 1
+    assert "is neither a file nor a name:tag or hash in the bundle store" in unknown.stderr
+    assert serverctl("bundles").stdout == f"no bundles in {store}\n"
