@@ -44,8 +44,9 @@ class BundleError(ValueError):
     """A bundle that cannot be used; the message names the bundle, the entry and why."""
 
 
-def write_archive(output: Path, entries: Iterable[tuple[str, Path | bytes]]) -> None:
-    """Writes the tar.gz at `output`: each (name in the bundle, file or bytes), sorted by name."""
+def write_archive(output: Path, entries: Iterable[tuple[str, Path | bytes | None]]) -> None:
+    """Writes the tar.gz at `output`: each (name in the bundle, file or bytes, or None for an
+    empty folder), sorted by name."""
     ordered = sorted(entries, key=lambda entry: entry[0])
     names = [name for name, _ in ordered]
     if len(set(names)) != len(names):
@@ -60,7 +61,10 @@ def write_archive(output: Path, entries: Iterable[tuple[str, Path | bytes]]) -> 
                     info.mode, info.mtime = 0o644, MTIME
                     info.uid = info.gid = 0
                     info.uname = info.gname = ""
-                    if isinstance(content, bytes):
+                    if content is None:
+                        info.type, info.mode = tarfile.DIRTYPE, 0o755
+                        tar.addfile(info)
+                    elif isinstance(content, bytes):
                         info.size = len(content)
                         tar.addfile(info, io.BytesIO(content))
                     else:
@@ -86,9 +90,13 @@ def _name_problem(name: str) -> str:
     return f"is outside the bundle's layout ({', '.join(_TOP_LEVEL_FILES + _TOP_LEVEL_DIRS)})"
 
 
-def _check_entries(tar: tarfile.TarFile, where: str, limits: Limits) -> list[tarfile.TarInfo]:
-    """The bundle's file entries, after checking every entry's name, kind and size."""
+def _check_entries(
+    tar: tarfile.TarFile, where: str, limits: Limits
+) -> tuple[list[tarfile.TarInfo], set[str]]:
+    """The bundle's file entries and folder names, after checking every entry's name, kind
+    and size."""
     files: dict[str, tarfile.TarInfo] = {}
+    folders: set[str] = set()
     count = total = 0
     for member in tar:
         count += 1
@@ -98,6 +106,7 @@ def _check_entries(tar: tarfile.TarFile, where: str, limits: Limits) -> list[tar
         if problem:
             raise BundleError(f"{where}: entry {member.name!r} {problem}; refused")
         if member.isdir():
+            folders.add(member.name.rstrip("/"))
             continue
         if not member.isfile():
             kind = "a link" if member.issym() or member.islnk() else "not a regular file"
@@ -115,7 +124,7 @@ def _check_entries(tar: tarfile.TarFile, where: str, limits: Limits) -> list[tar
         if member.name in files:
             raise BundleError(f"{where}: entry {member.name!r} appears twice")
         files[member.name] = member
-    return list(files.values())
+    return list(files.values()), folders
 
 
 def _read_manifest(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> Manifest:
@@ -140,8 +149,8 @@ def unpack(bundle: Path, expected_hash: str = "", limits: Limits | None = None) 
     try:
         with tar:
             try:
-                members = _check_entries(tar, where, limits)
-                _unpack_checked(tar, members, where, expected_hash, target)
+                members, folders = _check_entries(tar, where, limits)
+                _unpack_checked(tar, members, folders, where, expected_hash, target)
             except (tarfile.TarError, EOFError, gzip.BadGzipFile) as exc:
                 raise BundleError(f"{where}: not a readable .tar.gz ({exc})") from None
     except BaseException:
@@ -153,6 +162,7 @@ def unpack(bundle: Path, expected_hash: str = "", limits: Limits | None = None) 
 def _unpack_checked(
     tar: tarfile.TarFile,
     members: list[tarfile.TarInfo],
+    folders: set[str],
     where: str,
     expected_hash: str,
     target: Path,
@@ -166,10 +176,10 @@ def _unpack_checked(
             f"{where}: its content hash is {manifest.content_hash}, not {expected_hash} as "
             "expected; the bundle was changed"
         )
-    extra = sorted(set(by_name) - set(manifest.files))
+    extra = sorted((set(by_name) - set(manifest.files)) | (folders - set(manifest.folders)))
     if extra:
         raise BundleError(f"{where}: {extra[0]} is not listed in the manifest; refused")
-    missing = sorted(set(manifest.files) - set(by_name))
+    missing = sorted((set(manifest.files) - set(by_name)) | (set(manifest.folders) - folders))
     if missing:
         raise BundleError(f"{where}: {missing[0]} is listed in the manifest but missing")
     needed = sum(m.size for m in members)
@@ -177,6 +187,8 @@ def _unpack_checked(
     if needed > free:
         raise BundleError(f"{where}: unpacking needs {needed} bytes, {free} are free")
     (target / MANIFEST_FILE).write_bytes(manifest.to_bytes())
+    for folder in sorted(folders):
+        (target / folder).mkdir(parents=True, exist_ok=True)
     for name, member in sorted(by_name.items()):
         path = target / name
         path.parent.mkdir(parents=True, exist_ok=True)

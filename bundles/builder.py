@@ -38,8 +38,9 @@ class BuildError(ValueError):
     """The repository cannot be made into a bundle; the message names the file and why."""
 
 
-def model_files(model_dir: Path) -> Iterator[tuple[str, Path]]:
-    """(path inside the model folder, file) for each file of a model folder, hidden files and
+def model_files(model_dir: Path) -> Iterator[tuple[str, Path | None]]:
+    """(path inside the model folder, file) for each file of a model folder, and (path, None)
+    for each folder with nothing in it (a proxy model's version folder); hidden files and
     caches skipped. Links are followed only while they stay inside the model folder, as the
     repository reader follows them."""
     root = model_dir.resolve()
@@ -53,9 +54,10 @@ def model_files(model_dir: Path) -> Iterator[tuple[str, Path]]:
             raise BuildError(f"{here}: links make a loop back to {real}")
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _SKIPPED)
-        for filename in sorted(filenames):
-            if filename.startswith(".") or filename.endswith(".pyc"):
-                continue
+        filenames = sorted(f for f in filenames if not f.startswith(".") and not f.endswith(".pyc"))
+        if not dirnames and not filenames and here != model_dir:
+            yield here.relative_to(model_dir).as_posix(), None
+        for filename in filenames:
             path = here / filename
             if not path.resolve().is_relative_to(root):
                 raise BuildError(
@@ -99,7 +101,7 @@ def build_bundle(
     """Writes the bundle of `model_dirs` (the repository's model folders) to `output`; an
     empty `tag` becomes the first 12 digits of the content hash. `source`: the commit the
     files come from (default: the one `repository` is checked out at, if any)."""
-    entries: dict[str, Path | bytes] = {}
+    entries: dict[str, Path | bytes | None] = {}
     for model_dir in sorted(model_dirs, key=lambda p: p.name):
         for inside, path in model_files(model_dir):
             entries[f"{REPOSITORY_DIR}/{model_dir.name}/{inside}"] = path
@@ -112,8 +114,10 @@ def build_bundle(
         files = {
             entry: sha256_file(content) if isinstance(content, Path) else sha256_bytes(content)
             for entry, content in entries.items()
+            if content is not None
         }
-        whole = hash_of_files(files)
+        folders = sorted(entry for entry, content in entries.items() if content is None)
+        whole = hash_of_files(files, folders)
         manifest = Manifest(
             name=name,
             tag=tag or whole[:12],  # the content names the version when no tag is given
@@ -122,6 +126,7 @@ def build_bundle(
             backends=sorted(set(backends)),
             source=source or git_source(repository),
             files=files,
+            folders=folders,
             content_hash=whole,
         )
         entries[MANIFEST_FILE] = manifest.to_bytes()

@@ -44,7 +44,11 @@ class Manifest(BaseModel):
     backends: list[str] = Field(description="The backends its models use, sorted.")
     source: Source | None = Field(None, description="The git commit it was built from, if any.")
     files: dict[str, str] = Field(description="Every other file of the bundle -> its sha256.")
-    content_hash: str = Field(description="sha256 over `files` (see `content_hash`).")
+    folders: list[str] = Field(
+        default_factory=list,
+        description="Empty folders the repository needs (a proxy model's version folder).",
+    )
+    content_hash: str = Field(description="sha256 over `files` and `folders` (`content_hash`).")
 
     def to_bytes(self) -> bytes:
         """The manifest as written into the bundle: sorted keys, so the same on every build."""
@@ -65,7 +69,7 @@ class Manifest(BaseModel):
             raise ValueError(
                 f"{where}: bundle format {manifest.format} is not one this Tiffin reads ({FORMAT})"
             )
-        if content_hash(manifest.files) != manifest.content_hash:
+        if content_hash(manifest.files, manifest.folders) != manifest.content_hash:
             raise ValueError(
                 f"{where}: {MANIFEST_FILE}'s content_hash does not match its files; the "
                 "manifest was changed after the bundle was built"
@@ -87,9 +91,12 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def content_hash(files: dict[str, str]) -> str:
-    """The hash of a bundle's whole content: sha256 over its sorted "path\\0sha256\\n" lines."""
+def content_hash(files: dict[str, str], folders: list[str] | None = None) -> str:
+    """The hash of a bundle's whole content: sha256 over its sorted "path\\0sha256\\n" lines,
+    then a "path/\\n" line for each empty folder, sorted."""
     digest = hashlib.sha256()
     for path in sorted(files):
         digest.update(f"{path}\0{files[path]}\n".encode())
+    for folder in sorted(folders or []):
+        digest.update(f"{folder}/\n".encode())
     return digest.hexdigest()

@@ -252,6 +252,16 @@ def test_file_not_in_manifest_refused(repository: Path, tmp_path: Path, store: P
         unpack(tmp_path / "extra.tar.gz")
 
 
+def test_folder_not_in_manifest_refused(repository: Path, tmp_path: Path, store: Path) -> None:
+    bundle = tmp_path / "b.tar.gz"
+    build(repository, bundle)
+    files: dict[str, bytes | None] = dict(members(bundle))
+    files["repository/classifier/7"] = None  # an empty version folder, smuggled in
+    write_archive(tmp_path / "extra.tar.gz", files.items())
+    with pytest.raises(BundleError, match="classifier/7 is not listed in the manifest"):
+        unpack(tmp_path / "extra.tar.gz")
+
+
 class BundleServer(ServerProcess):
     """`serverctl serve --bundle REFERENCE` on free loopback ports."""
 
@@ -361,7 +371,7 @@ def test_store_tampering_refused(repository: Path, tmp_path: Path, store: Path) 
     manifest["files"]["repository/uppercase/config.yaml"] = sha256_bytes(
         files["repository/uppercase/config.yaml"]
     )
-    manifest["content_hash"] = content_hash(manifest["files"])
+    manifest["content_hash"] = content_hash(manifest["files"], manifest["folders"])
     files["manifest.json"] = json.dumps(manifest).encode()
     write_archive(kept, files.items())
     done = serverctl("serve", "--bundle", "demo:v1", "--grpc-port", str(free_port()))
@@ -381,3 +391,32 @@ def test_serve_takes_a_repository_or_a_bundle(repository: Path, store: Path) -> 
     assert unknown.returncode == 1
     assert "is neither a file nor a name:tag or hash in the bundle store" in unknown.stderr
     assert serverctl("bundles").stdout == f"no bundles in {store}\n"
+
+
+def test_proxy_model_with_an_empty_version_folder(
+    repository: Path, tmp_path: Path, store: Path, example_server
+) -> None:
+    """A proxy model's version folder holds nothing; the bundle keeps it, and it serves."""
+    proxy = repository / "remote_classifier"
+    (proxy / "1").mkdir(parents=True)
+    (proxy / "config.yaml").write_text(
+        f"backend: triton\nparameters:\n  url: '{example_server.url}'\n  model_name: classifier\n"
+    )
+    bundle = tmp_path / "b.tar.gz"
+    build(repository, bundle)
+    manifest = json.loads(members(bundle)["manifest.json"])
+    assert manifest["folders"] == ["repository/remote_classifier/1"]
+    assert manifest["content_hash"] == content_hash(manifest["files"], manifest["folders"])
+    features = np.random.default_rng(5).standard_normal((2, 4)).astype(np.float32)
+    tensor = tc.InferInput("features", [2, 4], "FP32")
+    tensor.set_data_from_numpy(features)
+    direct = tc.InferenceServerClient(example_server.url).infer("classifier", [tensor])
+    served = BundleServer(str(bundle), tmp_path)
+    try:
+        client = tc.InferenceServerClient(served.url)
+        through = client.infer("remote_classifier", [tensor])
+    finally:
+        assert served.stop() == 0, served.log_path.read_text()
+    np.testing.assert_array_equal(
+        direct.as_numpy("probabilities"), through.as_numpy("probabilities")
+    )
