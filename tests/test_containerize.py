@@ -126,12 +126,19 @@ def test_containerize_refuses_a_tampered_bundle(
 
 
 def test_health_check_command_asks_the_grpc_health_service(example_server) -> None:
-    def check(port: int) -> int:
+    def check(port: int) -> subprocess.CompletedProcess:
         env = {**os.environ, "TIFFIN_GRPC_PORT": str(port)}
-        return subprocess.run([sys.executable, "-c", HEALTH_CHECK], env=env, timeout=30).returncode
+        return subprocess.run(
+            [sys.executable, "-c", HEALTH_CHECK],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
-    assert check(example_server.port) == 0
-    assert check(free_port()) != 0  # nothing listens there
+    assert check(example_server.port).returncode == 0
+    closed = check(free_port())  # nothing listens there
+    assert closed.returncode == 1 and closed.stderr == "not serving: UNAVAILABLE\n"
 
 
 # ---- docker, for real ----
@@ -229,6 +236,13 @@ def test_image_from_a_bundle_serves_and_stops_cleanly(
         session = onnxruntime.InferenceSession(str(repository / "classifier" / "1" / "model.onnx"))
         (expected,) = session.run(None, {"features": features})
         np.testing.assert_allclose(got, expected, rtol=1e-6)
+        # The image's HEALTHCHECK (every 10 s) reports the container healthy.
+        deadline = time.monotonic() + 40
+        health = ""
+        while time.monotonic() < deadline and health != "healthy":
+            time.sleep(1)
+            health = _docker("inspect", name, "--format", "{{.State.Health.Status}}").stdout.strip()
+        assert health == "healthy"
         user = _docker("exec", name, "id", "-u").stdout.strip()
         assert user == "10001"  # not root
         stop = _docker("stop", "--time", "40", name)  # SIGTERM, then the server's drain
