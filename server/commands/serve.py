@@ -55,6 +55,10 @@ def _unpack_bundle(reference: str) -> tuple[Path, Manifest]:
     return folder, Manifest.model_validate_json((folder / MANIFEST_FILE).read_bytes())
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     if args.bundle and args.model_repository:
         raise SettingsError(
@@ -65,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         raise SettingsError("--model-repository or --bundle is required.")
     if not args.bundle:
         return _serve(args)
+    # SIGTERM while a large bundle is unpacked: stop there, and leave no half-written folder.
+    signal.signal(signal.SIGTERM, _interrupt)
     folder, manifest = _unpack_bundle(args.bundle)
     try:
         args.model_repository = str(folder / REPOSITORY_DIR)
