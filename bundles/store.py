@@ -5,8 +5,9 @@ Layout under the store folder (`~/.tiffin/bundles`, or TIFFIN_BUNDLE_STORE):
     sha256/<content hash>.tar.gz      each bundle once, named by its content hash
     tags/<name>/<tag>.json            {"hash": ..., "created": ...}: the bundle a tag names
 
-A tag moves when a bundle of the same name and tag is added again, so "promote" is tagging a
-known hash, and "roll back" is serving the previous tag.
+A tag moves when a bundle of the same name and tag is added again, or when it is set on a
+stored bundle (`tag`): promoting is tagging a bundle `prod`, rolling back is tagging the one
+that served before.
 """
 
 from __future__ import annotations
@@ -73,13 +74,26 @@ class BundleStore:
             partial = kept.with_name(kept.name + ".partial")
             shutil.copyfile(bundle, partial)
             partial.replace(kept)
+        return self._set_tag(manifest.name, manifest.tag, manifest.content_hash)
+
+    def tag(self, reference: str, name: str, tag: str) -> Entry:
+        """Points name:tag at the bundle `reference` names (promoting it, or rolling back to
+        it); the bundle's own manifest keeps the name and tag it was built with."""
+        for what, value in (("name", name), ("tag", tag)):
+            problem = label_problem(what, value)
+            if problem:
+                raise BundleError(problem)
+        _, content_hash = self.resolve(reference)
+        return self._set_tag(name, tag, content_hash)
+
+    def _set_tag(self, name: str, tag: str, content_hash: str) -> Entry:
         created = time.time()
-        tag_file = self.root / "tags" / manifest.name / f"{manifest.tag}.json"
+        tag_file = self.root / "tags" / name / f"{tag}.json"
         tag_file.parent.mkdir(parents=True, exist_ok=True)
-        partial_tag = tag_file.with_name(tag_file.name + ".partial")
-        partial_tag.write_text(json.dumps({"hash": manifest.content_hash, "created": created}))
-        partial_tag.replace(tag_file)
-        return Entry(manifest.name, manifest.tag, manifest.content_hash, created, kept)
+        partial = tag_file.with_name(tag_file.name + ".partial")
+        partial.write_text(json.dumps({"hash": content_hash, "created": created}))
+        partial.replace(tag_file)
+        return Entry(name, tag, content_hash, created, self.path_of(content_hash))
 
     def entries(self) -> list[Entry]:
         """Every tag, by name then newest first."""

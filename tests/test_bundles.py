@@ -25,6 +25,7 @@ import tritonclient.grpc as tc
 from conftest import EXAMPLES, ServerProcess, _python_path, free_port
 from tiffin.bundles.archive import BundleError, Limits, unpack, write_archive
 from tiffin.bundles.manifest import content_hash, sha256_bytes, sha256_file
+from tiffin.bundles.store import BundleStore
 
 
 def serverctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -419,4 +420,30 @@ def test_proxy_model_with_an_empty_version_folder(
         assert served.stop() == 0, served.log_path.read_text()
     np.testing.assert_array_equal(
         direct.as_numpy("probabilities"), through.as_numpy("probabilities")
+    )
+
+
+def test_promote_and_roll_back_by_tag(repository: Path, tmp_path: Path, store: Path) -> None:
+    build(repository, tmp_path / "a.tar.gz", "--name", "demo", "--tag", "v1")
+    first = json.loads(members(tmp_path / "a.tar.gz")["manifest.json"])["content_hash"]
+    config = repository / "uppercase" / "config.yaml"
+    config.write_text(config.read_text() + "# v2\n")
+    build(repository, tmp_path / "b.tar.gz", "--name", "demo", "--tag", "v2")
+    second = json.loads(members(tmp_path / "b.tar.gz")["manifest.json"])["content_hash"]
+
+    def prod() -> str:
+        rows = [line.split() for line in serverctl("bundles", "--name", "demo").stdout.splitlines()]
+        return next(r[2] for r in rows if r[1] == "prod")
+
+    promoted = serverctl("bundles", "tag", "demo:v2", "demo:prod")
+    assert promoted.returncode == 0 and promoted.stdout == f"demo:prod -> {second}\n"
+    assert prod() == second[:12]
+    assert serverctl("bundles", "tag", first[:12], "demo:prod").returncode == 0  # roll back
+    assert prod() == first[:12]
+    assert BundleStore().resolve("demo:prod") == (store / "sha256" / f"{first}.tar.gz", first)
+    bad = serverctl("bundles", "tag", "demo:v2", "prod")
+    assert bad.returncode == 1 and "'prod' must be NAME:TAG" in bad.stderr
+    unknown = serverctl("bundles", "tag", "demo:v9", "demo:prod")
+    assert (
+        unknown.returncode == 1 and "'demo:v9' is neither a file nor a name:tag" in unknown.stderr
     )
