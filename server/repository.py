@@ -170,6 +170,10 @@ def read_config(config_file: Path) -> ModelConfig:
         raise ValueError(f"{config_file}: cannot be read: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{config_file}: is not UTF-8 text") from None
+    except RecursionError:
+        raise ValueError(f"{config_file}: nests lists or mappings too deeply to read") from None
+    except ValueError as exc:  # a value YAML itself cannot convert (an integer of 5000 digits)
+        raise ValueError(f"{config_file}: not valid YAML: {exc}") from None
     if _expands_beyond(data, MAX_CONFIG_VALUES):
         raise ValueError(
             f"{config_file}: expands to more than {MAX_CONFIG_VALUES} values (through YAML "

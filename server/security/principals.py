@@ -65,8 +65,10 @@ def parse_token_file(text: str, source: str) -> tuple[dict[str, Principal], dict
         raise TokenFileError(f"{source} is larger than {MAX_FILE_BYTES} bytes")
     try:
         document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:
         raise TokenFileError(f"{source} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise TokenFileError(f"{source} nests lists or mappings too deeply to read") from None
     if not isinstance(document, dict) or not isinstance(document.get("principals"), list):
         raise TokenFileError(f"{source} must be a mapping with a 'principals' list")
     entries = document["principals"]

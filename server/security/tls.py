@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import ssl
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -99,14 +100,18 @@ class HttpsContext:
 def subject_of_der(der: bytes) -> str:
     """A certificate's subject in RFC 4514 spelling ("" if it does not parse)."""
     try:
-        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
-    except ValueError:
+        with warnings.catch_warnings():  # odd certificates are the client's business
+            warnings.simplefilter("ignore")
+            return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    except Exception:  # noqa: BLE001 - odd bytes raise odd errors (KeyError seen): no subject
         return ""
 
 
 @functools.lru_cache(maxsize=1024)
 def subject_of_pem(pem: bytes) -> str:
     try:
-        return x509.load_pem_x509_certificate(pem).subject.rfc4514_string()
-    except ValueError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return x509.load_pem_x509_certificate(pem).subject.rfc4514_string()
+    except Exception:  # noqa: BLE001
         return ""
