@@ -100,6 +100,9 @@ class DataPlane:
         max_request_elements: int = 0,
     ) -> None:
         self.chain = Chain()
+        # Told of each call a front door refuses before the chain sees it (protocol,
+        # reason): the metrics count them, which the chain's interceptors cannot.
+        self.refused: Callable[[str, str], None] = lambda protocol, reason: None
         self._max_elements = max_request_elements
         self._registry = registry
         self._bridge = LoopBridge(loop, registry.enqueue)

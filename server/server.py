@@ -72,6 +72,8 @@ class Server:
         if settings.allow_metrics:
             metrics = Metrics(self._serving_statistics)
             self.plane.chain.install("metrics", metrics.intercept)
+            self.plane.refused = metrics.refused
+            self.security.counted = metrics.refused
             self._registry.subscribe(metrics.model_event)
             self._metrics = MetricsEndpoint(metrics)
         self._stopped = threading.Event()

@@ -209,6 +209,13 @@ def test_refusals_say_what_is_needed(make_server, repo: Path, tmp_path: Path) ->
     with pytest.raises(InferenceServerException) as missing:
         client.get_model_metadata("echo")
     assert "send 'authorization: Bearer <token>'" in missing.value.message()
+    # Refusals are counted, though they never reach the metrics interceptor.
+    import urllib.request
+
+    scrape = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    for reason, count in (("unauthenticated", 1), ("permission_denied", 2)):
+        line = f'tiffin_requests_refused_total{{protocol="grpc",reason="{reason}"}} {count}'
+        assert line in scrape, scrape[-2000:]
     # The health service stays open for probes.
     with grpc.insecure_channel(server.url) as channel:
         from grpc_health.v1 import health_pb2, health_pb2_grpc

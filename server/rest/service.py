@@ -152,6 +152,7 @@ class RestService:
                 503, "the server is shutting down and has stopped accepting new requests"
             )
         if self.inflight >= self._max_inflight:
+            self._plane.refused("rest", "capacity")
             exc = Overloaded(
                 f"the server is answering {self.inflight} HTTP requests, its most "
                 "(--http-max-inflight); retry after a moment"
@@ -189,6 +190,8 @@ class RestService:
             else:
                 response = await self._plain(context, operation, found, request)
         except TiffinError as exc:
+            if isinstance(exc, RequestTooLarge):  # refused before the chain ran
+                self._plane.refused("rest", "too_large")
             context.finish(exc.code.name)
             reply = error_reply(HTTP_STATUS.get(exc.code, 500), exc.message)
             if exc.code == grpc.StatusCode.UNAUTHENTICATED:

@@ -77,6 +77,9 @@ class Security:
         self._http_tls = s.tls("http")
         self._settings = s
         self._https: HttpsContext | None = None
+        # Told of each refusal (front door, kind): the metrics count them, as the chain's
+        # metrics interceptor, inside authentication, never sees them.
+        self.counted: Callable[[str, str], None] = lambda front_door, kind: None
 
     def install(self, chain: Chain) -> None:
         chain.install("errors", self._errors)
@@ -120,6 +123,11 @@ class Security:
     # ---- interceptors -----------------------------------------------------------------
 
     def _refused(self, context: RequestContext, reason: str) -> None:
+        if not self.authenticating:
+            kind = "not_enabled"  # a repository change in model control mode 'none'
+        else:
+            kind = "permission_denied" if context.principal else "unauthenticated"
+        self.counted(context.front_door, kind)
         if self.audit is not None:
             self.audit.record(context, "refused", reason)
 
