@@ -375,7 +375,7 @@ class PythonBackend(Backend):
             return BatchResult({}, failed)
         total = sum(rows) if self._batching else None
         checked = self._check_outputs("infer_batch", result.outputs, outputs, total)
-        return BatchResult(checked, failed)
+        return BatchResult(checked, failed, result.input_ns, result.output_ns)
 
     def _check_failures(self, where: str, failed: Any, requests: int) -> dict[int, Exception]:
         """`failed` with each error the client is not at fault for worded as a traceback's last
