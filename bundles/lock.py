@@ -12,9 +12,13 @@ import re
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name
+if TYPE_CHECKING:
+    from packaging.requirements import Requirement
+
+# `packaging` is imported where a lock is made, not here: `serverctl` imports this module for
+# `build`, and a server image need not hold what only building uses.
 
 #: The distributions behind each registered backend; the first one installed is locked.
 #: Backends missing here need nothing beyond Tiffin's own dependencies.
@@ -38,6 +42,9 @@ def _installed(name: str) -> metadata.Distribution | None:
 def _closure(roots: Iterable[tuple[Requirement, str]]) -> dict[str, str]:
     """canonical name -> installed version of each root and, recursively, of what it needs
     (extras followed, environment markers evaluated for this interpreter)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
     pinned: dict[str, str] = {}
     todo = list(roots)
     seen: set[tuple[str, frozenset[str]]] = set()
@@ -72,6 +79,8 @@ def _closure(roots: Iterable[tuple[Requirement, str]]) -> dict[str, str]:
 def read_requirements_file(path: Path) -> list[Requirement]:
     """The requirements a python model's requirements.txt names; LockError for what a lock
     cannot hold (options, URLs, editable installs)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
     requirements = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         text = re.sub(r"(^|\s)#.*", "", line).strip()
@@ -94,6 +103,8 @@ def read_requirements_file(path: Path) -> list[Requirement]:
 def lock_requirements(backends: Iterable[str], requirement_files: Iterable[Path]) -> str:
     """The locked requirements of a bundle whose models use `backends` and whose python
     models name `requirement_files`, as a sorted pip requirements file."""
+    from packaging.requirements import Requirement
+
     roots: list[tuple[Requirement, str]] = [(Requirement("tiffin"), "Tiffin")]
     for backend in sorted(set(backends)):
         candidates = FRAMEWORKS.get(backend, ())
