@@ -14,7 +14,7 @@ import sys
 import traceback
 from importlib import metadata
 
-from .commands import build, bundles, containerize, deploy, serve, validate
+from .commands import build, bundles, containerize, deploy, serve, token, validate
 from .settings import ENV_PREFIX, SettingsError
 
 VERBS = {
@@ -24,6 +24,7 @@ VERBS = {
     "bundles": bundles,
     "containerize": containerize,
     "deploy": deploy,
+    "token": token,
 }
 # The frameworks behind the backends, by distribution name, as --version reports them.
 FRAMEWORKS = ("onnxruntime", "onnxruntime-gpu", "torch", "tritonclient", "numpy", "grpcio")
