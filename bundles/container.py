@@ -70,6 +70,9 @@ def dockerfile(manifest: Manifest, recipe: Recipe) -> str:
         "# written by `serverctl containerize`. Run it with `docker run --init` so that an init",
         "# process reaps what the server's workers leave; the server itself handles SIGTERM.",
         f"FROM {recipe.base_image} AS install",
+        # Marks this stage's image, which Docker keeps untagged: `docker image prune --filter
+        # label=dev.tiffin.stage=install` removes it once the image is built.
+        'LABEL dev.tiffin.stage="install"',
         *python,
         f"COPY {LOCK_FILE} /opt/tiffin/{LOCK_FILE}",
         f"COPY {WHEELS_DIR}/ /opt/tiffin/{WHEELS_DIR}/",

@@ -208,6 +208,7 @@ def test_image_from_a_bundle_serves_and_stops_cleanly(
     base = base_image(tmp_path)
     bundle = tmp_path / "demo.tar.gz"
     serverctl("build", str(repository), "--output", str(bundle), "--wheels", "--name", "demo")
+    previous = _docker("image", "inspect", IMAGE, "--format", "{{.Id}}").stdout.strip()
     started = time.monotonic()
     serverctl(
         "containerize", str(bundle), "--base-image", base, "--tag", IMAGE,
@@ -215,6 +216,9 @@ def test_image_from_a_bundle_serves_and_stops_cleanly(
     )  # fmt: skip
     build_seconds = time.monotonic() - started
     size = int(_docker("image", "inspect", IMAGE, "--format", "{{.Size}}").stdout)
+    if previous:
+        _docker("rmi", previous)  # an earlier run's image, now untagged (fails if it is this one)
+    _docker("image", "prune", "--force", "--filter", "label=dev.tiffin.stage=install")
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     name = f"tiffin-test-{grpc_port}"
     run = _docker(
