@@ -64,6 +64,7 @@ class ServerProcess:
         *extra: str,
         env: dict[str, str] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.credentials = credentials  # for the health check of a TLS server
         self.port = free_port()
@@ -93,6 +94,7 @@ class ServerProcess:
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            cwd=cwd,
             env={
                 **os.environ,
                 "PYTHONPATH": _python_path(),

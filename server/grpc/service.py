@@ -59,7 +59,7 @@ def _call_context(context: grpc.ServicerContext, operation: str, mutual: bool) -
     remaining = context.time_remaining()
     deadline = time.monotonic() + remaining if remaining is not None else None
     call = RequestContext("grpc", operation, dict(context.invocation_metadata()), deadline)
-    call.peer = context.peer()
+    call.peer = context.peer().removeprefix("ipv4:").removeprefix("ipv6:")  # host:port
     if mutual:
         call.client_certificate = client_certificate(context)
     return call

@@ -170,7 +170,12 @@ class RestService:
     def _context(self, operation: str, request: web.BaseRequest) -> RequestContext:
         headers = {key.lower(): value for key, value in request.headers.items()}
         context = RequestContext("rest", operation, headers, None)
-        context.peer = request.remote or ""
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if isinstance(peer, tuple) and len(peer) >= 2:  # host:port, as gRPC spells it
+            host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
+            context.peer = f"{host}:{peer[1]}"
+        else:
+            context.peer = request.remote or ""
         tls = request.transport.get_extra_info("ssl_object") if request.transport else None
         if tls is not None:
             der = tls.getpeercert(binary_form=True)

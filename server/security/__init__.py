@@ -34,7 +34,7 @@ __all__ = ["Principal", "Security", "subject_of_der", "subject_of_pem", "token_d
 
 T = TypeVar("T")
 # A file path in a message: an absolute path ending in a file name with an extension.
-_FILE_PATH = re.compile(r"(?:/[\w.+-]+)+/([\w+-][\w.+-]*\.\w+)")
+_FILE_PATH = re.compile(r"(?<![\w>.])(?:/[\w.+-]+)+/([\w+-][\w.+-]*\.\w+)")
 
 
 class Security:

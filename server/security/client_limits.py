@@ -26,9 +26,7 @@ def client_key(context: RequestContext) -> str:
     """Who a limit applies to: the principal, or the peer's address without its port."""
     if context.principal:
         return "principal " + context.principal
-    peer = context.peer
-    if peer.startswith(("ipv4:", "ipv6:")):  # gRPC's spelling: ipv4:1.2.3.4:5678
-        peer = peer[5:]
+    peer = context.peer  # host:port, [v6 host]:port
     host = peer.rsplit(":", 1)[0] if peer.count(":") == 1 or peer.startswith("[") else peer
     return "address " + (host.strip("[]") or "unknown")
 
