@@ -103,12 +103,18 @@ class ServerSettings(BaseModel):
         "'module:Class', or 'module' for every class in it and its submodules; others are "
         "refused, so that a config cannot import arbitrary code.",
     )
-    model_control_mode: Literal["none", "explicit"] = Field(
+    model_control_mode: Literal["none", "explicit", "poll"] = Field(
         "none",
         description="Triton's model control: 'none' loads the whole repository at start and "
         "refuses load and unload calls (except from an admin, once --auth-* is set); "
         "'explicit' loads only the --load-model models at start and takes load and unload "
-        "calls.",
+        "calls; 'poll' loads the whole repository and then follows its changes every "
+        "--repository-poll-secs (load and unload calls refused, as in 'none').",
+    )
+    repository_poll_secs: float = Field(
+        15.0,
+        ge=0.1,
+        description="With --model-control-mode poll: seconds between looks at the repository.",
     )
     load_model: tuple[str, ...] = Field(
         (),
