@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -17,6 +18,7 @@ from .dataplane import DataPlane, ServerState
 from .grpc import GrpcFrontDoor
 from .limits import message_limit
 from .observability import Metrics, MetricsEndpoint
+from .poller import RepositoryPoller
 from .registry import ModelRegistry
 from .repository import ModelSpec
 from .rest import RestFrontDoor
@@ -77,6 +79,7 @@ class Server:
             self._registry.subscribe(metrics.model_event)
             self._metrics = MetricsEndpoint(metrics)
         self._stopped = threading.Event()
+        self._polling: concurrent.futures.Future[None] | None = None  # poll mode's task
         self._grpc: GrpcFrontDoor | None = None
         self._rest: RestFrontDoor | None = None
 
@@ -112,6 +115,11 @@ class Server:
         if s.model_control_mode == "explicit":
             specs = _named(specs, s.load_model)
         asyncio.run_coroutine_threadsafe(self._registry.load_all(specs), self._loop).result()
+        if s.model_control_mode == "poll":
+            poller = RepositoryPoller(self._registry, s.repository_poll_secs)
+            asyncio.run_coroutine_threadsafe(poller.remember(), self._loop).result()
+            self._polling = asyncio.run_coroutine_threadsafe(poller.run(), self._loop)
+            log.info("following the repository's changes every %g s", s.repository_poll_secs)
         self._state.loaded = True
         self._models_changed()
         ready = sum(1 for m in self._registry.models() if m.ready_versions())
@@ -142,6 +150,8 @@ class Server:
         self._grpc.stop(grace)
         if self._rest is not None:  # in-flight REST requests ran meanwhile: one grace for both
             self._rest.stop(max(0.0, grace - (time.monotonic() - began)))
+        if self._polling is not None:
+            self._polling.cancel()
         asyncio.run_coroutine_threadsafe(self._registry.unload_all(), self._loop).result()
         if self.security.audit is not None:
             self.security.audit.close()

@@ -51,6 +51,7 @@ class Authorizer:
 
     def __init__(self, authenticating: bool, control_mode: str, on_denied: Callable[..., None]):
         self._authenticating = authenticating
+        self._mode = control_mode
         self._explicit = control_mode == "explicit"
         self._on_denied = on_denied  # the audit log's record of a refusal
 
@@ -91,11 +92,12 @@ class Authorizer:
                     "lacks",
                 )
         elif not self._explicit:
-            self._on_denied(context, "model control mode 'none'")
+            self._on_denied(context, f"model control mode '{self._mode}'")
             raise NotEnabled(
-                f"{context.operation} is off: the server runs in model control mode 'none'; "
-                "start it with --model-control-mode explicit, or with --auth-* and call as a "
-                "principal with the 'admin' role, to load and unload models by request"
+                f"{context.operation} is off: the server runs in model control mode "
+                f"'{self._mode}'; start it with --model-control-mode explicit, or with --auth-* "
+                "and call as a principal with the 'admin' role, to load and unload models by "
+                "request"
             )
 
     def _deny(self, context: RequestContext, reason: str) -> None:
