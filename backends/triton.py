@@ -29,6 +29,7 @@ passes while forwarding answers DEADLINE_EXCEEDED.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ PARAMETERS = (
     "certificate_chain",
     "ssl_target_name_override",
     "max_message_bytes",
+    "load_balancing",
 )
 DEFAULT_TIMEOUT_SECONDS = 60.0
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
@@ -80,6 +82,30 @@ def _seconds(params: dict[str, ParameterValue], key: str, default: float) -> flo
     if seconds < 0:
         raise ValueError(f"parameters.{key} must be >= 0, got {seconds:g}")
     return seconds
+
+
+def _service_config(balancing: str) -> dict[str, Any]:
+    """The channel's service config: `balancing` over the url's addresses (several with
+    'ipv4:host:port,host:port'), a remote leaving the rotation as soon as its gRPC health turns
+    NOT_SERVING (a server starting to shut down), and a call the remote refused with
+    UNAVAILABLE tried again, on another address where there is one."""
+    return {
+        "loadBalancingConfig": [{balancing: {}}],
+        # "": the whole server, which Triton and Tiffin both answer.
+        "healthCheckConfig": {"serviceName": ""},
+        "methodConfig": [
+            {
+                "name": [{"service": "inference.GRPCInferenceService", "method": "ModelInfer"}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
 
 
 def _flag(params: dict[str, ParameterValue], key: str) -> bool:
@@ -129,9 +155,16 @@ class RemoteSettings:
             raise ValueError(
                 f"parameters.max_message_bytes must be a whole number >= 1024, got {max_bytes!r}"
             )
+        balancing = _text(params, "load_balancing", "pick_first")
+        if balancing not in ("pick_first", "round_robin"):
+            raise ValueError(
+                f"parameters.load_balancing must be pick_first or round_robin, got '{balancing}'"
+            )
         options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", int(max_bytes)),
             ("grpc.max_receive_message_length", int(max_bytes)),
+            ("grpc.service_config", json.dumps(_service_config(balancing))),
+            ("grpc.enable_retries", 1),
         ]
         return cls(
             url=url,

@@ -23,7 +23,6 @@ import tritonclient.grpc as tc
 
 import conftest
 from conftest import EXAMPLES, ServerProcess, free_port
-from tiffin.backends.triton import PARAMETERS as TRITON_PARAMETERS
 
 REPLICAS = 3
 CLIENT_THREADS = 2
@@ -196,19 +195,8 @@ def requests_served(replica: ServerProcess) -> int:
     )
 
 
-# A proxy spreads over its remote's addresses, and steps around a replica that shuts down,
-# when its channel balances, watches health and retries: backends/triton.py's
-# parameters.load_balancing (proposed in issue 16's report). Until then its channel sticks to
-# the first address and passes on the UNAVAILABLE of a replica that is draining.
-BALANCING_PROXY = "load_balancing" in TRITON_PARAMETERS
-
-
-@pytest.mark.xfail(
-    not BALANCING_PROXY,
-    reason="backends/triton.py has no parameters.load_balancing yet: the proxy's channel "
-    "sticks to one replica (pick_first) and forwards a stopping replica's UNAVAILABLE",
-    strict=True,
-)
+# A proxy spreads over its remote's addresses, and steps around a replica that shuts down:
+# its channel balances round robin, watches health and retries (parameters.load_balancing).
 @pytest.mark.timeout(240)
 def test_proxy_model_keeps_answering_through_a_restart(
     replicas, tmp_path: Path, make_server
@@ -217,7 +205,7 @@ def test_proxy_model_keeps_answering_through_a_restart(
     proxy_repo = tmp_path / "proxy"
     (proxy_repo / "classifier" / "1").mkdir(parents=True)
     target = "ipv4:" + ",".join(r.url for r in started)
-    balancing = "  load_balancing: round_robin\n" if BALANCING_PROXY else ""
+    balancing = "  load_balancing: round_robin\n"
     (proxy_repo / "classifier" / "config.yaml").write_text(
         f"backend: triton\nparameters:\n  url: '{target}'\n  model_name: classifier\n{balancing}"
     )
