@@ -272,6 +272,44 @@ class Pipeline(_Frozen):
         return self
 
 
+class WarmupInput(_Frozen):
+    """The data one input of a warm-up sample carries: zeros, random values, or a file's bytes."""
+
+    data_type: str = Field(
+        "", description="The input's datatype (optional: it must match the config's)."
+    )
+    dims: list[int] = Field(
+        default_factory=list,
+        description="Shape without the batch dimension; default: the input's dims (all fixed).",
+    )
+    zero_data: bool = Field(False, description="All zeros (empty strings for BYTES).")
+    random_data: bool = Field(False, description="Random values (seeded, so runs repeat).")
+    input_data_file: str = Field(
+        "", description="Raw bytes of the tensor, a file in the model folder's warmup/."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> WarmupInput:
+        sources = [self.zero_data, self.random_data, bool(self.input_data_file)]
+        if sum(sources) != 1:
+            raise ValueError("give exactly one of zero_data, random_data or input_data_file")
+        name = self.input_data_file
+        if name and (name in (".", "..") or "/" in name or "\\" in name):
+            raise ValueError(f"input_data_file '{name}' must be a file name in warmup/")
+        if any(d < 0 for d in self.dims):
+            raise ValueError(f"warm-up dims must be fixed sizes, got {self.dims}")
+        return self
+
+
+class WarmupSample(_Frozen):
+    """A request the server sends a version before it takes traffic (Triton's model_warmup)."""
+
+    name: str = Field(description="Named in logs and in the reason when it fails.")
+    batch_size: int = Field(1, ge=0, description="Rows of the sample (0 or 1 without batching).")
+    inputs: dict[str, WarmupInput] = Field(description="Data for each input, by name.")
+    count: int = Field(1, ge=1, le=1000, description="How many times it is sent.")
+
+
 class ModelConfig(_Frozen):
     """A model's config.yaml. Fields a backend can read from the model file may be omitted."""
 
@@ -307,6 +345,10 @@ class ModelConfig(_Frozen):
         validation_alias=AliasChoices("pipeline", "ensemble_scheduling"),
         description="Makes this model a pipeline of other models instead of a model file.",
     )
+    model_warmup: list[WarmupSample] = Field(
+        default_factory=list,
+        description="Requests each version must answer before it is READY and takes traffic.",
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ModelConfig:
@@ -327,6 +369,40 @@ class ModelConfig(_Frozen):
                     f"dynamic_batching.preferred_batch_size {too_big[0]} must be within "
                     f"1..max_batch_size ({self.max_batch_size})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_checks(self) -> ModelConfig:
+        inputs = {t.name: t for t in self.inputs}
+        for sample in self.model_warmup:
+            where = f"model_warmup '{sample.name}'"
+            if self.batching and not 1 <= sample.batch_size <= (self.max_batch_size or 0):
+                raise ValueError(
+                    f"{where}: batch_size {sample.batch_size} must be within 1..max_batch_size "
+                    f"({self.max_batch_size})"
+                )
+            if inputs:  # a backend may complete the inputs later; checked again then
+                given = sample.inputs
+                missing = [n for n, t in inputs.items() if not t.optional and n not in given]
+                if missing:
+                    raise ValueError(f"{where} gives no data for input '{missing[0]}'")
+            for name, data in sample.inputs.items():
+                tensor = inputs.get(name)
+                if tensor is None:
+                    if inputs:
+                        raise ValueError(f"{where} names '{name}', which is not an input")
+                    continue
+                if data.data_type and datatype(data.data_type.upper()).name != tensor.datatype:
+                    raise ValueError(
+                        f"{where}: input '{name}' is {tensor.datatype}, not {data.data_type}"
+                    )
+                dims = data.dims or tensor.dims
+                if not shape_fits(dims, tensor.dims):
+                    needs = "its dims" if data.dims else "dims, as the input has variable ones"
+                    raise ValueError(
+                        f"{where}: input '{name}' needs {needs} fitting {shape_text(tensor.dims)}"
+                        + (f", not {shape_text(data.dims)}" if data.dims else "")
+                    )
         return self
 
     @model_validator(mode="after")

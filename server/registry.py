@@ -35,6 +35,7 @@ from tiffin.scheduler.statistics import ModelStatistics
 
 from .pipelines import StepModel, complete_pipeline, step_configs
 from .repository import ModelSpec, VersionSpec, read_model, read_repository
+from .warmup import WarmupFailed, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +351,19 @@ class ModelRegistry:
         except Exception as exc:  # any failure to load makes only this version unavailable
             message = exc.message if isinstance(exc, TiffinError) else str(exc)
             return VersionState(spec, UNAVAILABLE, f"failed to load: {message}")
+        if config.model_warmup:
+            try:
+                await warm_up(executor, key, executor.config, spec.path)
+            except WarmupFailed as exc:
+                await executor.stop()
+                log.error("model '%s' version %d: %s", name, spec.version, exc)
+                return VersionState(spec, UNAVAILABLE, str(exc))
+            log.info(
+                "model '%s' version %d answered its %d warm-up sample(s)",
+                name,
+                spec.version,
+                len(config.model_warmup),
+            )
         kind = f"backend {config.backend}" if config.backend else "pipeline"
         log.info("model '%s' version %d is READY (%s)", name, spec.version, kind)
         return VersionState(spec, READY, "", executor)

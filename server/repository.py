@@ -259,6 +259,16 @@ def read_model(model_dir: Path, allowed_backends: Sequence[str] | None = None) -
             f"{config_file}: name: '{config.name}' does not match the folder name "
             f"'{model_dir.name}'"
         )
+    for sample in config.model_warmup:
+        for data in sample.inputs.values():
+            if data.input_data_file:
+                path = model_dir / "warmup" / data.input_data_file
+                if not path.is_file():
+                    problems.append(
+                        f"{config_file}: model_warmup '{sample.name}': no file {path}"
+                    )
+                elif reason := _escape(path, real_dir, "the model folder"):
+                    problems.append(reason)
     # A version folder that is a link out of the model folder is never looked into.
     outside = {
         v: reason
