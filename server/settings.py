@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from .observability.trace_config import TraceConfig, parse_trace_config
+
 ENV_PREFIX = "TIFFIN_"
 
 
@@ -211,6 +213,36 @@ class ServerSettings(BaseModel):
         30.0, ge=0, description="How long in-flight requests may take to finish at shutdown."
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    # ---- observing: tracing and logs ----
+    trace_config: tuple[str, ...] = Field(
+        (),
+        description="Tracing, in Triton's spelling; repeat the flag: mode=opentelemetry turns "
+        "it on, rate=N traces one request in N (default 1000; a request whose traceparent is "
+        "sampled is always traced), opentelemetry,url=HOST:PORT is the OTLP/gRPC collector "
+        "(plain text on loopback, TLS elsewhere; default: OTEL_EXPORTER_OTLP_ENDPOINT), "
+        "opentelemetry,resource=NAME=VALUE adds a resource attribute. Off by default.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="'text', or 'json' for one JSON object per line."
+    )
+    access_log_sample: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of calls logged when answered (one line each: model, version, "
+        "status, latency); 0: none, 1: every call.",
+    )
+
+    @field_validator("trace_config")
+    @classmethod
+    def _trace_config_understood(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parse_trace_config(value)  # a ValueError says which item is wrong
+        return value
+
+    @property
+    def tracing(self) -> TraceConfig:
+        """What --trace-config asks for."""
+        return parse_trace_config(self.trace_config)
 
     @model_validator(mode="after")
     def _streams_leave_threads(self) -> ServerSettings:
