@@ -19,6 +19,7 @@ from tiffin.bundles.archive import unpack
 from tiffin.bundles.manifest import MANIFEST_FILE, REPOSITORY_DIR, Manifest
 from tiffin.bundles.store import BundleStore
 
+from ..observability.logs import configure_logging
 from ..server import Server
 from ..settings import ENV_PREFIX, SettingsError, add_settings_arguments, settings_from_arguments
 
@@ -81,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, bundle: Manifest | None = None) -> int:
     settings = settings_from_arguments(args, args.argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     stop = threading.Event()
     # Handlers first, so that a signal during model loading still shuts down cleanly.
     for sig in (signal.SIGTERM, signal.SIGINT):
