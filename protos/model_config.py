@@ -310,6 +310,67 @@ class WarmupSample(_Frozen):
     count: int = Field(1, ge=1, le=1000, description="How many times it is sent.")
 
 
+class RollbackRule(_Frozen):
+    """When a canary is taken out of the traffic split, judged over its last `window`
+    requests: their error ratio above `max_error_ratio`, or their p99 latency above
+    `max_p99_ms`."""
+
+    max_error_ratio: float | None = Field(
+        None, ge=0, le=1, description="Errors (the server's fault) over requests answered."
+    )
+    max_p99_ms: float | None = Field(None, gt=0, description="p99 of request latency, in ms.")
+    window: int = Field(100, ge=10, le=100_000, description="Requests judged, the newest.")
+
+    @model_validator(mode="after")
+    def _a_limit(self) -> RollbackRule:
+        if self.max_error_ratio is None and self.max_p99_ms is None:
+            raise ValueError("a rollback rule needs max_error_ratio, max_p99_ms or both")
+        return self
+
+
+class Traffic(_Frozen):
+    """How requests that name no version are shared among the loaded versions.
+
+    `traffic: {1: 90, 2: 10}` is short for `traffic: {weights: {1: 90, 2: 10}}`."""
+
+    weights: dict[int, int] = Field(description="Share of each version, by version number.")
+    sticky_key: str = Field(
+        "",
+        description="A request parameter or header whose value keeps a caller on one version.",
+    )
+    rollback: RollbackRule | None = Field(
+        None, description="Takes a canary (a version below the largest weight) out when it fails."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: object) -> object:
+        if (
+            isinstance(data, dict)
+            and data
+            and all(isinstance(k, int) or (isinstance(k, str) and k.isdigit()) for k in data)
+        ):
+            return {"weights": data}
+        return data
+
+    @model_validator(mode="after")
+    def _weights(self) -> Traffic:
+        bad = [v for v, w in self.weights.items() if v < 1 or w < 0]
+        if bad:
+            raise ValueError(
+                f"weights need version numbers of at least 1 and weights of at least 0 "
+                f"(version {bad[0]}: {self.weights[bad[0]]})"
+            )
+        if not sum(self.weights.values()):
+            raise ValueError("weights must give some version a share above 0")
+        return self
+
+    def canaries(self) -> set[int]:
+        """The versions a rollback rule watches: those below the largest weight."""
+        top = max(self.weights.values())
+        return {v for v, w in self.weights.items() if w < top}
+
+
 class ModelConfig(_Frozen):
     """A model's config.yaml. Fields a backend can read from the model file may be omitted."""
 
@@ -344,6 +405,9 @@ class ModelConfig(_Frozen):
         None,
         validation_alias=AliasChoices("pipeline", "ensemble_scheduling"),
         description="Makes this model a pipeline of other models instead of a model file.",
+    )
+    traffic: Traffic | None = Field(
+        None, description="Weights of the loaded versions for requests naming no version."
     )
     model_warmup: list[WarmupSample] = Field(
         default_factory=list,

@@ -11,6 +11,7 @@ anything that changes state to the scheduler's event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -218,12 +219,14 @@ class DataPlane:
                     if not ready_only:
                         entries.append(IndexEntry(model.name, "", "UNAVAILABLE", model.error))
                     continue
+                router = self._registry.router(model.name)
                 for number, version in sorted(model.versions.items()):
                     if ready_only and version.state != READY:
                         continue
-                    entries.append(
-                        IndexEntry(model.name, str(number), version.state, version.reason)
-                    )
+                    reason = version.reason
+                    if router is not None and number in router.rolled_back:
+                        reason = f"rolled back: {router.rolled_back[number]}"
+                    entries.append(IndexEntry(model.name, str(number), version.state, reason))
             return entries
 
         return self.chain.run(context, index)
@@ -236,10 +239,15 @@ class DataPlane:
         def load() -> None:
             self._state.check_accepting()
             self._check_repository(repository)
+            if set(parameters) == {"traffic"}:  # new weights, nothing reloaded
+                weights = parse_weights(parameters["traffic"])
+                self._bridge.call(self._registry.set_traffic(name, weights))
+                return
             if parameters:
                 raise Unsupported(
                     "loading with a config or files override is not supported; edit the "
-                    "model folder in the repository and load it again"
+                    "model folder in the repository and load it again (the one parameter "
+                    "taken is 'traffic', new weights such as \"1=90,2=10\")"
                 )
             self._bridge.call(self._registry.load(name))
 
@@ -274,14 +282,49 @@ class DataPlane:
 
         def start() -> Started:
             self._state.check_accepting()
-            spec = self._registry.resolve(request.model_name, request.model_version).spec
+            router = self._registry.router(request.model_name)
+            sticky = None
+            if router is not None and router.traffic.sticky_key and not request.model_version:
+                name = router.traffic.sticky_key
+                value = request.parameters.get(name, context.metadata.get(name))
+                sticky = None if value is None else str(value)
+            spec = self._registry.resolve(request.model_name, request.model_version, sticky).spec
             config = spec.config
             assert config is not None
             key = ModelKey(request.model_name, spec.version)
             decoded = validate(request, key, config, context, self._max_elements)
+            if router is not None and router.watches(spec.version):
+                context.on_finish.append(
+                    lambda c: router.observe(
+                        spec.version, c.status, c.timeline.between("received", "sent") / 1e9
+                    )
+                )
             return Started(self._bridge.submit(decoded, on_done), config)
 
         return self.chain.run(context, start)
+
+
+def parse_weights(value: Any) -> dict[int, int]:
+    """Traffic weights from a load call's `traffic` parameter: "1=90,2=10" or a JSON object
+    {"1": 90, "2": 10}; InvalidInput saying the form otherwise."""
+    text = str(value).strip()
+    try:
+        if text.startswith("{"):
+            pairs = [(str(k), str(v)) for k, v in json.loads(text).items()]
+        else:
+            pairs = [
+                (part.split("=", 1)[0], part.split("=", 1)[1])
+                for part in text.split(",")
+                if part.strip()
+            ]
+        weights = {int(v.strip()): int(w.strip()) for v, w in pairs}
+    except (ValueError, TypeError, AttributeError, IndexError):
+        raise InvalidInput(
+            f'traffic \'{shown(text)}\' is not weights such as "1=90,2=10" or {{"1": 90, "2": 10}}'
+        ) from None
+    if not weights or len(weights) > 1000:
+        raise InvalidInput("traffic must give weights for 1 to 1000 versions")
+    return weights
 
 
 def _version_number(text: str) -> int | None:

@@ -28,13 +28,14 @@ from tiffin.protos.errors import (
     TiffinError,
     UnknownModel,
 )
-from tiffin.protos.model_config import ModelConfig
+from tiffin.protos.model_config import ModelConfig, Traffic
 from tiffin.protos.names import name_problem, parse_version, shown
 from tiffin.scheduler import Executor, InferenceRequest, InferenceResponse, ModelKey, Scheduler
 from tiffin.scheduler.statistics import ModelStatistics
 
 from .pipelines import StepModel, complete_pipeline, step_configs
 from .repository import ModelSpec, VersionSpec, read_model, read_repository
+from .traffic import TrafficRouter
 from .warmup import WarmupFailed, warm_up
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 # What subscribers hear, with the model version it concerns.
 LOADED, SWAPPED, UNLOADED, FAILED = "loaded", "swapped", "unloaded", "failed"
+ROLLED_BACK = "rolled_back"
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,8 @@ class ModelRegistry:
         self._scheduler = Scheduler(self.resolve_loaded, self.enqueue)
         self._subscribers: list[Subscriber] = []
         self._changing: dict[str, asyncio.Lock] = {}
+        self._routers: dict[str, TrafficRouter] = {}  # models whose config has `traffic`
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop changes run on
 
     def subscribe(self, subscriber: Subscriber) -> None:
         """`subscriber(event, key)` is called (on the loop) after every change."""
@@ -111,12 +115,21 @@ class ModelRegistry:
             raise UnknownModel(f"Request for unknown model: '{shown(name)}' is not found")
         return state
 
-    def resolve(self, name: str, version: str) -> VersionState:
+    def router(self, name: str) -> TrafficRouter | None:
+        """The model's traffic split, if its config has one."""
+        return self._routers.get(name)
+
+    def resolve(self, name: str, version: str, sticky: str | None = None) -> VersionState:
         """The READY version that should serve a call, with Triton's errors when there is
-        none ("" asks for the newest)."""
+        none ("" asks for the traffic split's choice, or else the newest; `sticky` is the
+        caller's sticky key)."""
         state = self.state(name)
         if version == "":
             ready = state.ready_versions()
+            router = self._routers.get(name)
+            chosen = router.choose(ready, sticky) if router is not None else None
+            if chosen is not None:
+                return state.versions[chosen]
             if not ready:
                 known = {s.reason for s in state.versions.values() if s.reason}
                 reasons = "; ".join(sorted(known | ({state.error} if state.error else set())))
@@ -266,6 +279,7 @@ class ModelRegistry:
 
     async def _load_locked(self, spec: ModelSpec, keep_serving: bool) -> list[str]:
         name = spec.name
+        self._loop = asyncio.get_running_loop()
         self._specs[name] = spec
         old = self._models.get(name) or ModelState(name, "", {})
         serving = {v: s for v, s in old.versions.items() if s.state == READY}
@@ -314,6 +328,7 @@ class ModelRegistry:
             and (number not in versions or versions[number].executor is not s.executor)
         ]
         self._publish(ModelState(name, "", versions))
+        self._route(spec)
         for number, state in versions.items():
             if state.state == READY and number not in serving:
                 self._notify(LOADED, ModelKey(name, number))
@@ -324,6 +339,41 @@ class ModelRegistry:
                 self._notify(UNLOADED, ModelKey(name, number))
         await self._stop(retired)
         return failures
+
+    def _route(self, spec: ModelSpec) -> None:
+        """The model's traffic split as its config (re)read says: a reload is an operator's
+        word, so it replaces live weights and clears rollbacks."""
+        traffic = next((v.config.traffic for v in spec.versions if v.config), None)
+        if traffic is None:
+            self._routers.pop(spec.name, None)
+            return
+        self._routers[spec.name] = TrafficRouter(
+            spec.name, traffic, lambda version, reason: self._rolled_back(spec.name, version)
+        )
+        log.info("model '%s' traffic: %s", spec.name, _weights_text(traffic.weights))
+
+    def _rolled_back(self, name: str, version: int) -> None:
+        """A router took a canary out (on the thread that answered): heard on the loop."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._notify, ROLLED_BACK, ModelKey(name, version))
+
+    async def set_traffic(self, name: str, weights: dict[int, int]) -> None:
+        """An admin's new weights for a model's loaded versions (clearing rollbacks)."""
+        state = self.state(name)
+        unknown = sorted(set(weights) - set(state.ready_versions()))
+        if unknown:
+            raise InvalidInput(
+                f"traffic for '{name}' names version {unknown[0]}, which is not loaded (loaded: "
+                f"{', '.join(map(str, state.ready_versions())) or 'none'})"
+            )
+        if not sum(weights.values()) or any(w < 0 for w in weights.values()):
+            raise InvalidInput("traffic weights must be 0 or more, and some above 0")
+        router = self._routers.get(name)
+        if router is None:
+            router = TrafficRouter(name, Traffic(weights=weights), lambda v, r: None)
+            self._routers[name] = router
+        router.set_weights(weights)
+        log.info("model '%s' traffic set: %s", name, _weights_text(weights))
 
     def _still_serving(self, old: ModelState, reason: str) -> ModelState:
         return ModelState(
@@ -421,6 +471,7 @@ class ModelRegistry:
             return
         if reason == "unloaded":  # an unloaded pipeline is not loaded again by a re-check
             self._specs.pop(name, None)
+            self._routers.pop(name, None)
         serving = [s.executor for s in state.versions.values() if s.executor is not None]
         unloading = {
             v: VersionState(s.spec, UNLOADING, reason) if s.state == READY else s
@@ -459,3 +510,7 @@ class ModelRegistry:
                 subscriber(event, key)
             except Exception:  # a subscriber's bug must not undo a model change
                 log.exception("a registry subscriber failed on %s %s", event, key)
+
+
+def _weights_text(weights: dict[int, int]) -> str:
+    return ", ".join(f"version {v}: {w}" for v, w in sorted(weights.items()))

@@ -264,9 +264,7 @@ def read_model(model_dir: Path, allowed_backends: Sequence[str] | None = None) -
             if data.input_data_file:
                 path = model_dir / "warmup" / data.input_data_file
                 if not path.is_file():
-                    problems.append(
-                        f"{config_file}: model_warmup '{sample.name}': no file {path}"
-                    )
+                    problems.append(f"{config_file}: model_warmup '{sample.name}': no file {path}")
                 elif reason := _escape(path, real_dir, "the model folder"):
                     problems.append(reason)
     # A version folder that is a link out of the model folder is never looked into.
@@ -299,6 +297,14 @@ def read_model(model_dir: Path, allowed_backends: Sequence[str] | None = None) -
             f"{config_file}: version_policy: selects none of the versions found "
             f"({', '.join(map(str, available))})"
         )
+    if config.traffic is not None:
+        unloaded = sorted(set(config.traffic.weights) - set(selected))
+        if unloaded:
+            problems.append(
+                f"{config_file}: traffic: weights name version {unloaded[0]}, which the "
+                f"version_policy does not load (it loads {', '.join(map(str, selected)) or 'none'}"
+                "; version_policy: {all: {}} loads every version folder)"
+            )
     if problems or backend is None:
         spec.error = "\n".join(problems)
         return spec

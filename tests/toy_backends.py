@@ -91,6 +91,16 @@ class Fail(_Toy):
         return super().infer(inputs, outputs)
 
 
+class Canary(_Toy):
+    """OUTPUT0 = INPUT0, but in version folder 2 a batch holding a negative value raises: a
+    canary that fails for the requests that carry one."""
+
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        if self.version_dir.name == "2" and (inputs["INPUT0"] < 0).any():
+            raise RuntimeError("the canary fails on negative input")
+        return super().infer(inputs, outputs)
+
+
 class FailSome(_Toy):
     """OUTPUT0 = INPUT0, with per-request failures through `infer_batch`: a request holding a
     negative value fails with InvalidInput (its fault), one holding a value above 1000 with
