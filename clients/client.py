@@ -26,6 +26,8 @@ _UNARY = (
     "ModelInfer",
     "ModelStatistics",
     "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
 )
 
 
@@ -53,17 +55,32 @@ def _methods(channel: Any) -> dict[str, Any]:
 
 
 class InferenceClient:
-    """A blocking client. `timeout` (seconds) is the default deadline of every call."""
+    """A blocking client. `timeout` (seconds) is the default deadline of every call;
+    `credentials` make the channel TLS (`grpc.ssl_channel_credentials(...)`), and `token`
+    is sent as `authorization: Bearer <token>` with every call."""
 
-    def __init__(self, url: str, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str = "",
+    ) -> None:
         self._pb = protocol()
-        self._channel = grpc.insecure_channel(url, options=MESSAGE_SIZE_OPTIONS)
+        self._channel = (
+            grpc.secure_channel(url, credentials, options=MESSAGE_SIZE_OPTIONS)
+            if credentials is not None
+            else grpc.insecure_channel(url, options=MESSAGE_SIZE_OPTIONS)
+        )
         self._call = _methods(self._channel)
         self._timeout = timeout
+        self._metadata = [("authorization", f"Bearer {token}")] if token else None
 
     def _rpc(self, name: str, request: Any, timeout: float | None = None) -> Any:
         try:
-            return self._call[name](request, timeout=timeout or self._timeout)
+            return self._call[name](
+                request, timeout=timeout or self._timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise InferenceServerError(exc.code(), exc.details() or "") from None
 
@@ -106,6 +123,21 @@ class InferenceClient:
         """Runs one request; returns output name -> array."""
         request = build_request(model, inputs, outputs, version, request_id, parameters)
         return read_response(self._rpc("ModelInfer", request, timeout))
+
+    def repository_index(self) -> Any:
+        """The repository's models and versions, each with its state and reason."""
+        return self._rpc("RepositoryIndex", self._pb.RepositoryIndexRequest()).models
+
+    def load_model(self, model: str, parameters: Mapping[str, str] | None = None) -> None:
+        """(Re)loads a model; `parameters` are string parameters of the call (Tiffin takes
+        `traffic`, new weights such as "1=90,2=10")."""
+        request = self._pb.RepositoryModelLoadRequest(model_name=model)
+        for key, value in (parameters or {}).items():
+            request.parameters[key].string_param = value
+        self._rpc("RepositoryModelLoad", request)
+
+    def unload_model(self, model: str) -> None:
+        self._rpc("RepositoryModelUnload", self._pb.RepositoryModelUnloadRequest(model_name=model))
 
     def close(self) -> None:
         self._channel.close()

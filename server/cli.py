@@ -14,7 +14,19 @@ import sys
 import traceback
 from importlib import metadata
 
-from .commands import build, bundles, containerize, deploy, serve, token, validate
+from .commands import (
+    build,
+    bundles,
+    containerize,
+    deploy,
+    load,
+    models,
+    serve,
+    token,
+    traffic,
+    unload,
+    validate,
+)
 from .settings import ENV_PREFIX, SettingsError
 
 VERBS = {
@@ -25,6 +37,10 @@ VERBS = {
     "containerize": containerize,
     "deploy": deploy,
     "token": token,
+    "models": models,
+    "load": load,
+    "unload": unload,
+    "traffic": traffic,
 }
 # The frameworks behind the backends, by distribution name, as --version reports them.
 FRAMEWORKS = ("onnxruntime", "onnxruntime-gpu", "torch", "tritonclient", "numpy", "grpcio")
