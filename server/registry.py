@@ -72,6 +72,10 @@ class ModelState:
 Subscriber = Callable[[str, ModelKey], None]
 
 
+class SwitchFailed(Exception):
+    """A repository switch that could not load a model; nothing was changed."""
+
+
 class ModelRegistry:
     """Owns the repository's models, their versions and the executors serving them.
 
@@ -339,6 +343,52 @@ class ModelRegistry:
                 self._notify(UNLOADED, ModelKey(name, number))
         await self._stop(retired)
         return failures
+
+    async def switch(self, root: Path, changed: list[ModelSpec], removed: list[str]) -> None:
+        """Serves the repository at `root` instead: every changed model's versions are built
+        and warmed first, beside what serves; only when all are READY do they take over, all
+        in one step on the loop (no request sees half a switch), and `removed` models unload.
+        SwitchFailed naming the model and version when any fails; nothing changes then."""
+        self._loop = asyncio.get_running_loop()
+        built: list[tuple[ModelSpec, list[VersionState]]] = []
+        try:
+            for spec in sorted(changed, key=lambda s: bool(s.step_models())):
+                states = list(
+                    await asyncio.gather(*(self._build(spec.name, v) for v in spec.versions))
+                )
+                built.append((spec, states))
+                for state in states:
+                    if state.state != READY:
+                        raise SwitchFailed(
+                            f"model '{spec.name}' version {state.spec.version}: {state.reason}"
+                        )
+        except BaseException:
+            await self._stop([s.executor for _, states in built for s in states if s.executor])
+            raise
+        retired: list[Executor] = []
+        events: list[tuple[str, ModelKey]] = []
+        for spec, states in built:  # no await from here to the last publish
+            old = self._models.get(spec.name)
+            if old is not None:
+                retired += [v.executor for v in old.versions.values() if v.executor]
+                events += [(UNLOADED, ModelKey(spec.name, n)) for n in old.ready_versions()]
+            self._specs[spec.name] = spec
+            self._publish(ModelState(spec.name, "", {s.spec.version: s for s in states}))
+            self._route(spec)
+            events += [(LOADED, ModelKey(spec.name, s.spec.version)) for s in states]
+        for name in removed:
+            old = self._models.pop(name, None)
+            self._specs.pop(name, None)
+            self._routers.pop(name, None)
+            if old is not None:
+                retired += [v.executor for v in old.versions.values() if v.executor]
+                events += [(UNLOADED, ModelKey(name, n)) for n in old.ready_versions()]
+        self.repository = root
+        for event, key in events:
+            self._notify(event, key)
+        await self._stop(retired)
+        for spec, _ in built:
+            await self._recheck_pipelines(spec.name)
 
     def _route(self, spec: ModelSpec) -> None:
         """The model's traffic split as its config (re)read says: a reload is an operator's
