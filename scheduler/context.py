@@ -3,25 +3,61 @@
 A front door makes the context when a call arrives; each stage stamps the timeline once
 (`Timeline.stamp`), and statistics, metrics and tracing all read the same stamps, so
 nothing is measured twice. Times are `time.monotonic_ns()`; 0 means "not reached".
+
+A traced request also carries its `Trace` on the timeline (the one object the front door,
+the scheduler and a pipeline's steps all hold); while tracing is off it is None, and each
+stage pays one None check for it.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 # The stages of a request, in the order it passes them.
 STAGES = ("received", "queued", "batch_start", "compute_start", "compute_end", "sent")
 
 
-class Timeline:
-    """When a request reached each stage (monotonic nanoseconds; 0: not reached)."""
+class BatchTrace(Protocol):
+    """The span of one batch execution, linked to the span of every traced request in it."""
 
-    __slots__ = STAGES
+    # W3C traceparent of the batch's span: it travels to the worker with the batch.
+    traceparent: str
+
+    def end(self, end: int, status: str, compute: tuple[int, int] | None) -> None:
+        """Ends the span at `end`; `compute` is when the backend's call began and ended."""
+
+
+class Trace(Protocol):
+    """A traced request's span as the scheduler and the front doors use it (made by
+    server/observability/tracing.py); times are time.monotonic_ns()."""
+
+    def record(self, name: str, start: int, end: int) -> None:
+        """Records a finished child span (encode, for example)."""
+
+    def step(self, name: str, model: str) -> Trace:
+        """Starts the child span of a pipeline step; the step's own request carries it."""
+
+    def batch(
+        self, served: list[Trace], start: int, attributes: dict[str, str | int]
+    ) -> BatchTrace:
+        """Starts the span of a batch serving `served` (this request among them)."""
+
+    def end(self, timeline: Timeline, status: str) -> None:
+        """Records the queue wait the timeline shows and ends the span (at `sent`, or now)."""
+
+
+class Timeline:
+    """When a request reached each stage (monotonic nanoseconds; 0: not reached), and its
+    Trace while it is traced."""
+
+    __slots__ = (*STAGES, "trace")
 
     def __init__(self, received: int = 0) -> None:
         self.received = received or time.monotonic_ns()
         self.queued = self.batch_start = self.compute_start = self.compute_end = self.sent = 0
+        self.trace: Trace | None = None
 
     def stamp(self, stage: str, at: int = 0) -> int:
         """Records that the request reached `stage` now (or `at`); returns the time."""

@@ -223,7 +223,7 @@ class ModelExecutor:
         outputs = [name for name in self._output_order if name in wanted]
         compute_start = time.monotonic_ns()
         try:
-            execution = await instance.execute(requests, outputs)
+            execution = await self._call(instance, requests, outputs, compute_start)
         except (BackendError, InvalidInput) as exc:
             if len(entries) > 1:
                 # The backend failed the whole batch, not the requests at fault (see
@@ -265,6 +265,36 @@ class ModelExecutor:
             stats.record_outcome(True, done - entry.request.arrival_ns)
             if not entry.future.done():
                 entry.future.set_result(response)
+
+    async def _call(
+        self, instance: Instance, requests: list[InferenceRequest], outputs: list[str], start: int
+    ) -> Execution:
+        """The instance's execution of a batch, inside a batch span while any of its
+        requests is traced (the span is parented on the first, linked to them all)."""
+        traces = [r.timeline.trace for r in requests if r.timeline.trace is not None]
+        if not traces:
+            return await instance.execute(requests, outputs)
+        attributes: dict[str, str | int] = {
+            "tiffin.model": self.key.name,
+            "tiffin.version": str(self.key.version),
+            "tiffin.instance": instance.name,
+            "tiffin.batch_size": sum(r.batch_size for r in requests),
+            "tiffin.requests": len(requests),
+        }
+        batch = traces[0].batch(traces, start, attributes)
+        status, compute = "OK", None
+        try:
+            execution = await instance.execute(requests, outputs, batch.traceparent)
+            compute = execution.compute
+            return execution
+        except TiffinError as exc:
+            status = exc.code.name
+            raise
+        except BaseException:
+            status = "INTERNAL"
+            raise
+        finally:
+            batch.end(time.monotonic_ns(), status, compute)
 
     def _scatter(
         self, requests: list[InferenceRequest], execution: Execution

@@ -53,6 +53,8 @@ class Execution:
     infer_ns: int
     output_ns: int = 0
     failed: dict[int, TiffinError] = field(default_factory=dict)
+    # When the backend's call began and ended (time.monotonic_ns()), for a traced batch.
+    compute: tuple[int, int] | None = None
 
 
 class InstanceDied(ModelNotReady):
@@ -77,7 +79,12 @@ class Instance(Protocol):
 
     async def wait_alive(self) -> None: ...
 
-    async def execute(self, requests: list[InferenceRequest], outputs: list[str]) -> Execution: ...
+    async def execute(
+        self, requests: list[InferenceRequest], outputs: list[str], traceparent: str = ""
+    ) -> Execution:
+        """Runs one batch; `traceparent` (the batch's span, "" when untraced) asks for the
+        times of the backend's call in `Execution.compute`."""
+        ...
 
     async def unload(self) -> None: ...
 
@@ -148,11 +155,17 @@ class InlineInstance:
     async def wait_alive(self) -> None:
         return None
 
-    async def execute(self, requests: list[InferenceRequest], outputs: list[str]) -> Execution:
+    async def execute(
+        self, requests: list[InferenceRequest], outputs: list[str], traceparent: str = ""
+    ) -> Execution:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._execute, requests, outputs)
+        return await loop.run_in_executor(
+            self._thread, self._execute, requests, outputs, bool(traceparent)
+        )
 
-    def _execute(self, requests: list[InferenceRequest], outputs: list[str]) -> Execution:
+    def _execute(
+        self, requests: list[InferenceRequest], outputs: list[str], traced: bool = False
+    ) -> Execution:
         assert self._backend is not None, "execute() before load()"
         start = time.perf_counter_ns()
         inputs = {
@@ -160,10 +173,12 @@ class InlineInstance:
             for name, arrays in gather_inputs(requests).items()
         }
         rows = [r.batch_size for r in requests]
+        began = time.monotonic_ns() if traced else 0
         begin = time.perf_counter_ns()
         try:
             result = self._backend.infer_batch(inputs, outputs, rows)
             call_ns = time.perf_counter_ns() - begin
+            compute = (began, time.monotonic_ns()) if traced else None
             failed = failure_messages(result, len(rows))
         except InvalidInput:  # the request's fault, not the model's
             raise
@@ -172,7 +187,9 @@ class InlineInstance:
         device_input_ns, infer_ns, output_ns = split(result, call_ns)
         input_ns = begin - start + device_input_ns
         if len(failed) == len(rows):  # no outputs are needed when every request failed
-            return Execution({}, False, input_ns, infer_ns, output_ns, failure_errors(failed))
+            return Execution(
+                {}, False, input_ns, infer_ns, output_ns, failure_errors(failed), compute
+            )
         results = result.outputs
         missing = [n for n in outputs if n not in results]
         if missing:
@@ -184,6 +201,7 @@ class InlineInstance:
             infer_ns,
             output_ns,
             failure_errors(failed) if failed else {},
+            compute,
         )
 
     async def unload(self) -> None:
@@ -353,7 +371,9 @@ class WorkerInstance:
     async def wait_alive(self) -> None:
         await self._alive.wait()
 
-    async def execute(self, requests: list[InferenceRequest], outputs: list[str]) -> Execution:
+    async def execute(
+        self, requests: list[InferenceRequest], outputs: list[str], traceparent: str = ""
+    ) -> Execution:
         if not self.alive or self._arena is None:
             raise InstanceDied(f"instance {self.name} of model '{self._config.name}' is restarting")
         start = time.perf_counter_ns()
@@ -364,7 +384,14 @@ class WorkerInstance:
         try:
             self._conn.send_bytes(
                 pickle.dumps(
-                    ("infer", refs, outputs, free_offset, [r.batch_size for r in requests]),
+                    (
+                        "infer",
+                        refs,
+                        outputs,
+                        free_offset,
+                        [r.batch_size for r in requests],
+                        traceparent,
+                    ),
                     protocol=pickle.HIGHEST_PROTOCOL,
                 )
             )
@@ -379,7 +406,7 @@ class WorkerInstance:
             raise BackendError(message[1])
         if message[0] == "invalid":
             raise InvalidInput(message[1])
-        _, output_refs, device_input_ns, infer_ns, output_ns, failed = message
+        _, output_refs, device_input_ns, infer_ns, output_ns, failed, compute = message
         return Execution(
             {ref.name: view(self._arena, ref) for ref in output_refs},
             True,
@@ -387,6 +414,7 @@ class WorkerInstance:
             infer_ns,
             output_ns,
             failure_errors(failed) if failed else {},
+            compute,
         )
 
     async def _reap(self) -> None:

@@ -17,6 +17,7 @@ from tiffin.protos.datatypes import from_numpy
 from tiffin.protos.errors import BackendError, ModelNotReady, TiffinError
 from tiffin.protos.model_config import ModelConfig, PipelineStep, TensorConfig, shape_fits
 
+from .context import Trace
 from .request import InferenceRequest, InferenceResponse, ModelKey
 from .statistics import LiveState, ModelStatistics
 
@@ -165,6 +166,34 @@ class PipelineExecutor:
                 batch_size=rows,
                 deadline=request.deadline,
             )
-            return self._enqueue(step_request)
+            trace = request.timeline.trace
+            if trace is None:
+                return self._enqueue(step_request)
+            return _traced_step(
+                self._enqueue, step_request, trace.step(f"step {index + 1}", key.name)
+            )
         except TiffinError as exc:
             raise StepError(f"{self._step_name(index)}: {exc.message}", exc.code) from None
+
+
+def _traced_step(
+    enqueue: Enqueue, request: InferenceRequest, trace: Trace
+) -> asyncio.Future[InferenceResponse]:
+    """Queues a step's request carrying its step span, which ends with the step."""
+    request.timeline.trace = trace
+    try:
+        future = enqueue(request)
+    except TiffinError as exc:
+        trace.end(request.timeline, exc.code.name)
+        raise
+    future.add_done_callback(lambda done: trace.end(request.timeline, _status(done)))
+    return future
+
+
+def _status(future: asyncio.Future[InferenceResponse]) -> str:
+    if future.cancelled():
+        return "CANCELLED"
+    error = future.exception()
+    if error is None:
+        return "OK"
+    return error.code.name if isinstance(error, TiffinError) else "INTERNAL"

@@ -5,13 +5,15 @@ is set before any framework is imported. Messages on the pipe are small pickled
 headers; tensors stay in the shared-memory arena.
 
   frontend -> worker   ("infer", [TensorRef inputs], [output names], first free offset,
-                        [rows of each request])
+                        [rows of each request], traceparent of the batch's span or "")
                        ("stop",)
   worker -> frontend   ("ready", {pid, environment})  or  ("failed", message)   once
                        ("done", [TensorRef outputs], input_ns, infer_ns, output_ns,
                         {request index: (at fault, message)} for the requests the backend
-                        reported failed); input_ns is the backend's own copy onto its device
-                        (the frontend adds its copy into the arena)
+                        reported failed, (start, end) of the backend's call in
+                        time.monotonic_ns() for a traced batch or None); input_ns is the
+                        backend's own copy onto its device (the frontend adds its copy into
+                        the arena)
                        ("error", message) or ("invalid", message) when the backend raised
                        for the whole batch (InvalidInput: "invalid")
 """
@@ -65,12 +67,17 @@ def run_worker(
             break
         if message[0] == "stop":
             break
-        _, input_refs, outputs, free_offset, rows = message
+        _, input_refs, outputs, free_offset, rows, traceparent = message
         try:
             inputs = {ref.name: view(arena, ref) for ref in input_refs}
+            # A traced batch's compute span is recorded by the frontend, which exports the
+            # others: this process only says when the call ran (CLOCK_MONOTONIC is the
+            # machine's, the same in both processes).
+            began = time.monotonic_ns() if traceparent else 0
             start = time.perf_counter_ns()
             result = backend.infer_batch(inputs, outputs, rows)
             call_ns = time.perf_counter_ns() - start
+            compute = (began, time.monotonic_ns()) if traceparent else None
             del inputs
             failed = failure_messages(result, len(rows))
             input_ns, infer_ns, device_output_ns = split(result, call_ns)
@@ -85,7 +92,7 @@ def run_worker(
                     refs.append(ref)
             # compute_output: the backend's copy off its device, then ours into the arena.
             output_ns = device_output_ns + time.perf_counter_ns() - written
-            reply: tuple[Any, ...] = ("done", refs, input_ns, infer_ns, output_ns, failed)
+            reply: tuple[Any, ...] = ("done", refs, input_ns, infer_ns, output_ns, failed, compute)
         except InvalidInput as exc:  # the request's fault, not the model's
             reply = ("invalid", exc.message)
         except Exception as exc:

@@ -25,9 +25,19 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Outermost first: errors wrap everything; who the caller is comes before what they may do,
-# audit records decisions, metrics and tracing measure what runs, limits guard the work.
-SLOTS = ("errors", "authentication", "authorization", "audit", "metrics", "tracing", "limits")
+# Outermost first: errors wrap everything; the access log sees every call, refused ones too;
+# who the caller is comes before what they may do, audit records decisions, metrics and
+# tracing measure what runs, limits guard the work.
+SLOTS = (
+    "errors",
+    "access",
+    "authentication",
+    "authorization",
+    "audit",
+    "metrics",
+    "tracing",
+    "limits",
+)
 
 
 class Interceptor(Protocol):

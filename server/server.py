@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 from tiffin.backends import parse_allowed_backends
 from tiffin.scheduler.arena import remove_stale_arenas
@@ -18,12 +19,16 @@ from .dataplane import DataPlane, ServerState
 from .grpc import GrpcFrontDoor
 from .limits import message_limit
 from .observability import Metrics, MetricsEndpoint
+from .observability.logs import AccessLog
 from .poller import RepositoryPoller
 from .registry import ModelRegistry
 from .repository import ModelSpec
 from .rest import RestFrontDoor
 from .security import Security
 from .settings import ServerSettings
+
+if TYPE_CHECKING:
+    from .observability.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,16 @@ class Server:
             self.security.counted = metrics.refused
             self._registry.subscribe(metrics.model_event)
             self._metrics = MetricsEndpoint(metrics)
+        if settings.access_log_sample:
+            self.plane.chain.install("access", AccessLog(settings.access_log_sample).intercept)
+        self._tracing: Tracing | None = None
+        if settings.tracing.enabled:
+            # Imported here: a server that does not trace never imports OpenTelemetry.
+            from .observability.tracing import Tracing
+
+            self._tracing = Tracing(settings.tracing)
+            self.plane.chain.install("tracing", self._tracing.intercept)
+            log.info("%s", self._tracing.description)
         self._stopped = threading.Event()
         self._polling: concurrent.futures.Future[None] | None = None  # poll mode's task
         self._grpc: GrpcFrontDoor | None = None
@@ -157,6 +172,8 @@ class Server:
             self.security.audit.close()
         if self._metrics is not None:
             self._metrics.stop()
+        if self._tracing is not None:
+            self._tracing.shutdown()  # exports the spans still queued
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=5)
         self._stopped.set()

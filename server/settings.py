@@ -398,7 +398,7 @@ def _problem(error: Any, given: list[str]) -> str:
     }
     kind = error["type"]
     if kind in ("int_parsing", "int_from_float", "greater_than_equal", "less_than_equal"):
-        expected = "a whole number"
+        expected = "a number" if field and field.annotation is float else "a whole number"
         if "ge" in bounds and "le" in bounds:
             expected += f" from {bounds['ge']} to {bounds['le']}"
         elif "ge" in bounds:

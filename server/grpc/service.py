@@ -260,7 +260,14 @@ class InferenceService:
         # already ended, cancelled before the callback could be added).
         if not context.add_callback(started.pending.cancel):
             started.pending.cancel()
-        return encode_response(started.pending.wait(), started.config)
+        response = started.pending.wait()
+        trace = call.timeline.trace
+        if trace is None:
+            return encode_response(response, started.config)
+        began = time.monotonic_ns()
+        encoded = encode_response(response, started.config)
+        trace.record("encode", began, time.monotonic_ns())
+        return encoded
 
     def ModelStreamInfer(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
@@ -328,9 +335,15 @@ class InferenceService:
         assert item.config is not None and item.context is not None
         status = grpc.StatusCode.OK
         try:
-            return self._pb.ModelStreamInferResponse(
-                infer_response=encode_response(item.outcome.wait(), item.config, final=True)
+            response = item.outcome.wait()
+            trace = item.context.timeline.trace
+            began = time.monotonic_ns() if trace is not None else 0
+            encoded = self._pb.ModelStreamInferResponse(
+                infer_response=encode_response(response, item.config, final=True)
             )
+            if trace is not None:
+                trace.record("encode", began, time.monotonic_ns())
+            return encoded
         except TiffinError as exc:
             status = exc.code
             return Failure(exc.code, exc.message)

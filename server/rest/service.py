@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -305,9 +306,13 @@ class RestService:
         except asyncio.CancelledError:
             started.pending.cancel()  # the client went away: drop the request if it waits
             raise
+        trace = context.timeline.trace
+        began = time.monotonic_ns() if trace is not None else 0
         header, parts = encode_response(
             started.pending.wait(), started.config, binary, default_binary
         )
+        if trace is not None:
+            trace.record("encode", began, time.monotonic_ns())
         if not parts:
             return web.Response(body=header, content_type=_JSON)
         return web.Response(
