@@ -19,8 +19,11 @@ from .commands import (
     bundles,
     containerize,
     deploy,
+    history,
     load,
     models,
+    rollback,
+    rollout,
     serve,
     token,
     traffic,
@@ -41,6 +44,9 @@ VERBS = {
     "load": load,
     "unload": unload,
     "traffic": traffic,
+    "rollout": rollout,
+    "rollback": rollback,
+    "history": history,
 }
 # The frameworks behind the backends, by distribution name, as --version reports them.
 FRAMEWORKS = ("onnxruntime", "onnxruntime-gpu", "torch", "tritonclient", "numpy", "grpcio")

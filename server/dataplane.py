@@ -16,7 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tiffin.protos.errors import InvalidInput, ServerNotReady, UnknownModel, Unsupported
+from tiffin.protos.errors import (
+    InvalidInput,
+    NotEnabled,
+    ServerNotReady,
+    UnknownModel,
+    Unsupported,
+)
 from tiffin.protos.model_config import ModelConfig
 from tiffin.protos.names import parse_version, shown
 from tiffin.scheduler import InferenceResponse, ModelKey
@@ -26,6 +32,7 @@ from tiffin.scheduler.statistics import ModelStatistics
 from .bridge import LoopBridge, Pending
 from .interceptors import Chain
 from .registry import READY, ModelRegistry
+from .rollouts import HistoryEntry, Rollouts
 from .validation import WireRequest, validate
 
 SERVER_NAME = "tiffin"
@@ -101,6 +108,7 @@ class DataPlane:
         max_request_elements: int = 0,
     ) -> None:
         self.chain = Chain()
+        self.rollouts: Rollouts | None = None  # set when the repository comes from git
         # Told of each call a front door refuses before the chain sees it (protocol,
         # reason): the metrics count them, which the chain's interceptors cannot.
         self.refused: Callable[[str, str], None] = lambda protocol, reason: None
@@ -261,6 +269,32 @@ class DataPlane:
 
         context.model = name
         self.chain.run(context, unload)
+
+    # ---- rollouts from git ------------------------------------------------------------------
+
+    def rollout(self, context: RequestContext, ref: str) -> HistoryEntry:
+        """Moves the server to a ref of its git source (server/rollouts.py has the steps)."""
+        context.model = ref[:80]
+        return self.chain.run(
+            context, lambda: self._rollouts_or_refuse().rollout(ref, context.principal)
+        )
+
+    def rollback(self, context: RequestContext) -> HistoryEntry:
+        return self.chain.run(
+            context, lambda: self._rollouts_or_refuse().rollback(context.principal)
+        )
+
+    def rollout_history(self, context: RequestContext) -> list[HistoryEntry]:
+        return self.chain.run(context, lambda: self._rollouts_or_refuse().history())
+
+    def _rollouts_or_refuse(self) -> Rollouts:
+        self._state.check_accepting()
+        if self.rollouts is None:
+            raise NotEnabled(
+                "this server does not serve a git repository, so it has no rollouts; start "
+                "it with --model-repository git+file:///PATH/TO/REPO.git@REF"
+            )
+        return self.rollouts
 
     def _check_repository(self, name: str) -> None:
         if name and name != self.repository_name:

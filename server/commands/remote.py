@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from tiffin.clients import InferenceClient
+from tiffin.clients.client import InferenceServerError
 
 from ..settings import SettingsError
 
@@ -51,6 +52,30 @@ def _read(path: Path | None, what: str) -> bytes | None:
 
 
 def client_from_arguments(args: argparse.Namespace) -> InferenceClient:
+    credentials, token = _credentials(args)
+    return InferenceClient(args.url, timeout=args.timeout, credentials=credentials, token=token)
+
+
+def admin_call(args: argparse.Namespace, method: str, document: dict[str, Any]) -> Any:
+    """Calls the server's admin service (server/grpc/admin.py); its JSON answer. Errors as
+    InferenceServerError, as the client's."""
+    credentials, token = _credentials(args)
+    channel = (
+        grpc.secure_channel(args.url, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(args.url)
+    )
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with channel:
+        call = channel.unary_unary(f"/tiffin.admin.v1.Admin/{method}")
+        try:
+            reply = call(json.dumps(document).encode(), timeout=args.timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            raise InferenceServerError(exc.code(), exc.details() or "") from None
+    return json.loads(reply)
+
+
+def _credentials(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str]:
     credentials = None
     if args.ssl or args.root_cert or args.client_cert:
         if bool(args.client_cert) != bool(args.client_key):
@@ -63,7 +88,7 @@ def client_from_arguments(args: argparse.Namespace) -> InferenceClient:
     token = os.environ.get("TIFFIN_TOKEN", "")
     if args.token_file is not None:
         token = (_read(args.token_file, "the token file") or b"").decode().strip()
-    return InferenceClient(args.url, timeout=args.timeout, credentials=credentials, token=token)
+    return credentials, token
 
 
 def print_json(document: Any) -> None:

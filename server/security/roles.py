@@ -4,8 +4,9 @@
 |---------|--------------------------------------------------------------------------------|
 | (none)  | server live and ready (probes), and the gRPC health service                    |
 | `infer` | inference, and the metadata, config and readiness of the models it may infer   |
-| `read`  | metadata, config, readiness and statistics of every model, the repository index |
-| `admin` | load and unload: whatever changes what the server serves                      |
+| `read`  | metadata, config, readiness, statistics of every model, the repository index and |
+|         | the rollout history                                                             |
+| `admin` | load, unload, rollout, rollback: whatever changes what the server serves      |
 
 Roles do not include one another: an operator who loads models and watches them holds
 `[admin, read]`. An operation this table does not know needs `admin`, so a call added later
@@ -26,8 +27,8 @@ OPEN = frozenset({"live", "ready"})
 INFER = frozenset({"infer", "stream_infer"})
 # What a client needs to call a model it may infer (tritonclient and perf_analyzer ask).
 ABOUT_A_MODEL = frozenset({"model_ready", "model_metadata", "model_config"})
-READ = ABOUT_A_MODEL | {"server_metadata", "statistics", "repository_index"}
-CHANGE = frozenset({"load", "unload"})
+READ = ABOUT_A_MODEL | {"server_metadata", "statistics", "repository_index", "rollout_history"}
+CHANGE = frozenset({"load", "unload", "rollout", "rollback"})
 
 
 def needed_role(operation: str) -> str:
