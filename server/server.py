@@ -24,6 +24,7 @@ from .poller import RepositoryPoller
 from .registry import ModelRegistry
 from .repository import ModelSpec
 from .rest import RestFrontDoor
+from .rollouts import GitSource, Rollouts
 from .security import Security
 from .settings import ServerSettings
 
@@ -58,10 +59,16 @@ class Server:
         self._loop_thread = threading.Thread(
             target=self._loop.run_forever, name="scheduler-loop", daemon=True
         )
-        self._registry = ModelRegistry(
-            settings.model_repository,
-            allowed_backends=parse_allowed_backends(settings.allowed_backends),
+        allowed = parse_allowed_backends(settings.allowed_backends)
+        # A repository in git is served from an export of its ref (server/rollouts.py).
+        source = GitSource.parse(str(settings.model_repository))
+        self._rollouts = Rollouts(source, allowed) if source is not None else None
+        root = (
+            self._rollouts.first_export()
+            if self._rollouts is not None
+            else settings.model_repository
         )
+        self._registry = ModelRegistry(root, allowed_backends=allowed)
         self.plane = DataPlane(
             self._registry,
             self._loop,
@@ -70,8 +77,14 @@ class Server:
             settings.strict_readiness,
             settings.max_request_elements,
         )
+        if self._rollouts is not None:
+            self._rollouts.registry = self._registry
+            self._rollouts.run_on_loop = lambda change: asyncio.run_coroutine_threadsafe(
+                change, self._loop
+            ).result()
+            self.plane.rollouts = self._rollouts
         # Credentials and certificates are read now: a server does not start on bad ones.
-        self.security = Security(settings, settings.model_repository)
+        self.security = Security(settings, root)
         self.security.install(self.plane.chain)
         # Request size limits and health follow every change of what serves.
         self._registry.subscribe(lambda event, key: self._models_changed())
@@ -108,7 +121,7 @@ class Server:
 
     def start(self) -> None:
         s = self.settings
-        if not s.model_repository.is_dir():
+        if not self._registry.repository.is_dir():
             raise FileNotFoundError(f"model repository {s.model_repository} is not a folder")
         remove_stale_arenas()
         self._loop_thread.start()

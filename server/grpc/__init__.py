@@ -17,6 +17,7 @@ from ..dataplane import DataPlane
 from ..registry import ModelRegistry
 from ..security import Security
 from ..settings import ServerSettings
+from .admin import admin_handler
 from .health import Health
 from .service import InferenceService
 
@@ -62,7 +63,9 @@ class GrpcFrontDoor:
         self._service = InferenceService(
             plane, registry, settings, receive_limit, security.grpc_mutual
         )
-        self._server.add_generic_rpc_handlers((self._service.generic_handler(),))
+        self._server.add_generic_rpc_handlers(
+            (self._service.generic_handler(), admin_handler(plane, security.grpc_mutual))
+        )
         self._health = Health(self._server)
         reflection.enable_server_reflection(
             (
