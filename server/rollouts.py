@@ -36,7 +36,6 @@ from typing import Any
 
 from tiffin.protos.errors import InvalidInput, TiffinError
 
-from .poller import repository_fingerprints
 from .registry import ModelRegistry, SwitchFailed
 from .repository import read_repository
 
@@ -186,11 +185,7 @@ class Rollouts:
                 raise RuntimeError("; ".join(problems[:5]))
             step = "load"
             assert self.registry is not None and self.run_on_loop is not None
-            current = self.registry.repository
-            before = repository_fingerprints(current)
-            after = repository_fingerprints(folder)
-            changed = [n for n in after if before.get(n) != after[n]]
-            removed = [n for n in before if n not in after]
+            changed, removed = self._difference(self.serving.commit if self.serving else "", commit)
             specs = [s for s in read_repository(folder, self.allowed) if s.name in changed]
             self.run_on_loop(self.registry.switch(folder, specs, removed))
         except (RuntimeError, SwitchFailed, OSError) as exc:
@@ -209,6 +204,22 @@ class Rollouts:
         self.serving = entry
         self._prune()
         return entry
+
+    def _difference(self, serving: str, commit: str) -> tuple[list[str], list[str]]:
+        """The model folders that differ between two commits, and those gone in the second
+        (git compares contents; exports' times say nothing, as git sets them to commit
+        times)."""
+
+        def folders(of: str) -> set[str]:
+            listed = self.source.git("ls-tree", "-d", "--name-only", of).decode().splitlines()
+            return {name for name in listed if not name.startswith((".", "_"))}
+
+        new = folders(commit)
+        if not serving:
+            return sorted(new), []
+        paths = self.source.git("diff", "--name-only", serving, commit).decode().splitlines()
+        changed = {path.split("/", 1)[0] for path in paths} & new
+        return sorted(changed), sorted(folders(serving) - new)
 
     def rollback(self, who: str) -> HistoryEntry:
         """Back to the commit that served before the current one."""
