@@ -9,6 +9,15 @@ import onnx
 import tritonclient.grpc as tc
 from onnx import TensorProto, helper
 
+# A toy Echo model (tests/toy_backends.py) run inline: OUTPUT0 = INPUT0, FP32 [2], batch 8.
+ECHO = """\
+backend: toy_backends:Echo
+max_batch_size: 8
+inputs: [{name: INPUT0, datatype: FP32, dims: [2]}]
+outputs: [{name: OUTPUT0, datatype: FP32, dims: [2]}]
+instance_group: [{kind: inline}]
+"""
+
 IR_VERSION = 8  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would write 14
 
 ONNX_TYPES = {

@@ -13,16 +13,9 @@ import grpc
 from certificates import Authority
 from test_security import TOKENS, token_file
 
-from models import write_repository
+from models import ECHO, write_repository
 
-MODEL = """\
-backend: toy_backends:Echo
-max_batch_size: 8
-inputs: [{name: INPUT0, datatype: FP32, dims: [2]}]
-outputs: [{name: OUTPUT0, datatype: FP32, dims: [2]}]
-instance_group: [{kind: inline}]
-version_policy: {all: {}}
-"""
+MODEL = ECHO + "version_policy: {all: {}}\n"
 
 
 def serverctl(*args: str, token: str | None = None, folder: Path) -> subprocess.CompletedProcess:

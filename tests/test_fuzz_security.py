@@ -24,10 +24,10 @@ import yaml
 from certificates import Authority
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from test_security import ECHO, TOKENS, rest_request, token_file
+from test_security import TOKENS, rest_request, token_file
 
 from conftest import EXAMPLES
-from models import write_repository
+from models import ECHO, write_repository
 from tiffin.protos import method_path, protocol
 from tiffin.server.repository import read_model
 from tiffin.server.security import subject_of_der, subject_of_pem

@@ -14,15 +14,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from models import write_repository
+from models import ECHO, write_repository
 
-ECHO = """\
-backend: toy_backends:Echo
-max_batch_size: 8
-inputs: [{name: INPUT0, datatype: FP32, dims: [2]}]
-outputs: [{name: OUTPUT0, datatype: FP32, dims: [2]}]
-instance_group: [{kind: inline}]
-"""
 POLL = {"TIFFIN_MODEL_CONTROL_MODE": "poll", "TIFFIN_LOAD_MODEL": ""}
 
 

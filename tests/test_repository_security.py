@@ -14,18 +14,11 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from models import identity
+from models import ECHO, identity
 from tiffin.backends import check_backend_allowed
 
 TESTS = Path(__file__).resolve().parent
 
-ECHO = """\
-backend: toy_backends:Echo
-max_batch_size: 8
-inputs: [{name: INPUT0, datatype: FP32, dims: [2]}]
-outputs: [{name: OUTPUT0, datatype: FP32, dims: [2]}]
-instance_group: [{kind: inline}]
-"""
 
 # A python model that must never run: importing it writes `marker`; it answers zeros.
 FOREIGN_CONFIG = """\

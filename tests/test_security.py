@@ -26,16 +26,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tritonclient.utils import InferenceServerException
 
-from models import write_repository
+from models import ECHO, write_repository
 from tiffin.server.security import token_digest
 
-ECHO = """\
-backend: toy_backends:Echo
-max_batch_size: 8
-inputs: [{name: INPUT0, datatype: FP32, dims: [2]}]
-outputs: [{name: OUTPUT0, datatype: FP32, dims: [2]}]
-instance_group: [{kind: inline}]
-"""
 SLOW = ECHO.replace("toy_backends:Echo", "toy_backends:Slow")
 # Tokens as `serverctl token` makes them: random, 32 bytes.
 TOKENS = {

@@ -13,16 +13,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from models import write_repository
+from models import ECHO, write_repository
 
-MODEL = """\
-backend: toy_backends:Canary
-max_batch_size: 8
-inputs: [{name: INPUT0, datatype: FP32, dims: [2]}]
-outputs: [{name: OUTPUT0, datatype: FP32, dims: [2]}]
-instance_group: [{kind: inline}]
-version_policy: {all: {}}
-"""
+MODEL = ECHO.replace("toy_backends:Echo", "toy_backends:Canary") + "version_policy: {all: {}}\n"
 
 
 def repository(tmp_path: Path, traffic: str) -> Path:
