@@ -745,3 +745,28 @@ def test_errors_keep_server_paths_from_non_admins(make_server, repo: Path) -> No
         client.load_model("no_such_model")
     message = missing.value.message()
     assert str(repo) not in message and "<repository>/no_such_model" in message
+
+
+def test_a_stream_that_ends_gives_back_its_slots(make_server, repo: Path) -> None:
+    """Requests of a stream its client abandons still finish: their client's in-flight slots
+    come back (they were lost until the stream's contexts finished on close)."""
+    server = make_server(repo, "--client-max-inflight", "2", env=DEFAULT_MODE)
+    client = grpcclient.InferenceServerClient(server.url)
+    results: list[Any] = []
+    client.start_stream(callback=lambda result, error: results.append(error or result))
+    for _ in range(2):
+        client.async_stream_infer("slow", one_input(grpcclient, 1.0))
+    time.sleep(0.3)
+    with pytest.raises(InferenceServerException) as limited:
+        client.infer("echo", one_input(grpcclient))
+    assert "--client-max-inflight" in limited.value.message()
+    client.stop_stream(cancel_requests=True)  # the client goes away mid-stream
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            assert client.infer("echo", one_input(grpcclient)).as_numpy("OUTPUT0") is not None
+            break
+        except InferenceServerException:
+            time.sleep(0.2)
+    else:
+        raise AssertionError("the abandoned stream's slots never came back")

@@ -74,7 +74,10 @@ class StreamSession:
         for _ in range(window):
             self._slots.put(None)
         self._lock = threading.Lock()
-        self._outstanding: set[Pending] = set()
+        # Started and not yet answered, with their contexts: a stream that ends drops them,
+        # and their contexts must still finish (limits per client give back their slots,
+        # metrics count them).
+        self._outstanding: dict[Pending, RequestContext] = {}
         self._closed = False
 
     def start(self) -> None:
@@ -95,7 +98,7 @@ class StreamSession:
     def settled(self, pending: Pending) -> None:
         """`pending` has its answer: cancelling the stream no longer needs to reach it."""
         with self._lock:
-            self._outstanding.discard(pending)
+            self._outstanding.pop(pending, None)
 
     def answered(self) -> None:
         """One response has been written: the reader may take one more request."""
@@ -105,10 +108,11 @@ class StreamSession:
         """The stream ended (answered, aborted or cancelled): stop reading, drop what waits."""
         with self._lock:
             self._closed = True
-            outstanding, self._outstanding = self._outstanding, set()
+            outstanding, self._outstanding = self._outstanding, {}
         self._slots.put(None)  # wakes a reader waiting for a slot, which then sees closed
-        for pending in outstanding:
+        for pending, context in outstanding.items():
             pending.cancel()
+            context.finish(grpc.StatusCode.CANCELLED.name)
 
     def _read(self) -> None:
         try:
@@ -142,6 +146,7 @@ class StreamSession:
         with self._lock:
             if self._closed:
                 pending.cancel()
+                context.finish(grpc.StatusCode.CANCELLED.name)
             else:
-                self._outstanding.add(pending)
+                self._outstanding[pending] = context
         return StreamItem(*ident, pending, config, context)
