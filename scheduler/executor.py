@@ -14,6 +14,7 @@ from tiffin.protos.model_config import ModelConfig
 
 from .admission import ServiceRate
 from .batcher import DynamicBatcher, Entry
+from .context import Trace
 from .instance import Execution, Instance
 from .request import InferenceRequest, InferenceResponse, ModelKey
 from .statistics import InstanceState, LiveState, ModelStatistics
@@ -223,7 +224,11 @@ class ModelExecutor:
         outputs = [name for name in self._output_order if name in wanted]
         compute_start = time.monotonic_ns()
         try:
-            execution = await self._call(instance, requests, outputs, compute_start)
+            traces = [r.timeline.trace for r in requests if r.timeline.trace is not None]
+            if traces:
+                execution = await self._traced(instance, requests, outputs, compute_start, traces)
+            else:
+                execution = await instance.execute(requests, outputs)
         except (BackendError, InvalidInput) as exc:
             if len(entries) > 1:
                 # The backend failed the whole batch, not the requests at fault (see
@@ -266,14 +271,16 @@ class ModelExecutor:
             if not entry.future.done():
                 entry.future.set_result(response)
 
-    async def _call(
-        self, instance: Instance, requests: list[InferenceRequest], outputs: list[str], start: int
+    async def _traced(
+        self,
+        instance: Instance,
+        requests: list[InferenceRequest],
+        outputs: list[str],
+        start: int,
+        traces: list[Trace],
     ) -> Execution:
-        """The instance's execution of a batch, inside a batch span while any of its
-        requests is traced (the span is parented on the first, linked to them all)."""
-        traces = [r.timeline.trace for r in requests if r.timeline.trace is not None]
-        if not traces:
-            return await instance.execute(requests, outputs)
+        """The instance's execution of a batch inside a batch span, parented on the first
+        traced request and linked to every one (`traces`)."""
         attributes: dict[str, str | int] = {
             "tiffin.model": self.key.name,
             "tiffin.version": str(self.key.version),

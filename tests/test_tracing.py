@@ -8,6 +8,7 @@ from what the collector received.
 from __future__ import annotations
 
 import os
+import queue
 import secrets
 import threading
 import time
@@ -136,7 +137,8 @@ def rest_infer(url: str, model: str, value: float, headers: dict[str, str]) -> N
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tracing") / "models"
-    write_repository(root, {"echo": ECHO})
+    inline = ECHO.replace("dynamic_batching: {max_queue_delay_microseconds: 300000}", "")
+    write_repository(root, {"echo": ECHO, "inline": inline + "instance_group: [{kind: inline}]\n"})
     (root / "twice").mkdir()
     (root / "twice" / "config.yaml").write_text(TWICE)
     return root
@@ -270,6 +272,50 @@ def test_each_pipeline_step_is_a_child_span(traced: ServerProcess, collector: Co
         assert batch.parent_span_id == step.span_id
         assert any(s.name == "compute" and s.parent_span_id == batch.span_id for s in spans)
         assert any(s.name == "queue" and s.parent_span_id == step.span_id for s in spans)
+
+
+def test_streamed_and_inline_requests_are_traced(
+    traced: ServerProcess, collector: Collector
+) -> None:
+    """Each request of a ModelStreamInfer stream has its span under the stream's
+    traceparent; an inline instance's compute (in the server process) has its span too."""
+    trace_id = secrets.token_hex(16)
+    header, parent = traceparent(trace_id)
+    answers: queue.SimpleQueue[object] = queue.SimpleQueue()
+    with grpcclient.InferenceServerClient(traced.url) as client:
+        client.start_stream(
+            lambda result, error: answers.put(error or result), headers={"traceparent": header}
+        )
+        for value in (1.0, 2.0):
+            client.async_stream_infer("inline", [value_input(value)])
+        for _ in range(2):
+            answer = answers.get(timeout=30)
+            assert not isinstance(answer, Exception), answer
+        client.stop_stream()
+
+    def ours(spans: list[trace_pb2.Span]) -> list[trace_pb2.Span]:
+        return [s for s in spans if s.trace_id.hex() == trace_id]
+
+    spans = ours(
+        collector.wait_for(
+            lambda s: (
+                len([x for x in ours(s) if x.name == "compute"]) >= 2
+                and len([x for x in ours(s) if x.name == "encode"]) >= 2
+            )
+        )
+    )
+    requests = [s for s in spans if s.kind == SERVER_KIND]
+    assert [s.name for s in requests] == ["stream_infer", "stream_infer"]
+    assert all(s.parent_span_id.hex() == parent for s in requests)
+    assert all(attributes(s)["tiffin.model"] == "inline" for s in requests)
+    for request in requests:
+        assert any(s.name == "encode" and s.parent_span_id == request.span_id for s in spans)
+        (batch,) = [
+            b
+            for b in spans
+            if b.name == "batch" and any(link.span_id == request.span_id for link in b.links)
+        ]
+        assert any(s.name == "compute" and s.parent_span_id == batch.span_id for s in spans)
 
 
 def test_rate_traces_one_request_in_n_and_spans_are_flushed_at_shutdown(
