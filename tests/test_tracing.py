@@ -32,8 +32,10 @@ backend: toy_backends:Echo
 max_batch_size: 8
 inputs: [{name: INPUT0, datatype: FP32, dims: [1]}]
 outputs: [{name: OUTPUT0, datatype: FP32, dims: [1]}]
-dynamic_batching: {max_queue_delay_microseconds: 300000}
+dynamic_batching: {}
 """
+# Holds requests up to 2 s until five have come, so that the test's five make one batch.
+GATHERED = ECHO.replace("{}", "{max_queue_delay_microseconds: 2000000, preferred_batch_size: [5]}")
 # Two echo steps: each step is a request to the echo model, batched with its other traffic.
 TWICE = """
 pipeline:
@@ -114,7 +116,7 @@ def traceparent(trace_id: str, sampled: bool = True) -> tuple[str, str]:
 
 
 def infer_concurrently(calls: list[Callable[[], object]]) -> None:
-    """Runs the calls at once, so that the echo model's queue delay batches them together."""
+    """Runs the calls at once (the gathered model batches them together)."""
     with futures.ThreadPoolExecutor(len(calls)) as pool:
         for result in [pool.submit(call) for call in calls]:
             result.result(timeout=60)
@@ -137,8 +139,8 @@ def rest_infer(url: str, model: str, value: float, headers: dict[str, str]) -> N
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tracing") / "models"
-    inline = ECHO.replace("dynamic_batching: {max_queue_delay_microseconds: 300000}", "")
-    write_repository(root, {"echo": ECHO, "inline": inline + "instance_group: [{kind: inline}]\n"})
+    inline = ECHO.replace("dynamic_batching: {}", "instance_group: [{kind: inline}]")
+    write_repository(root, {"echo": ECHO, "gathered": GATHERED, "inline": inline})
     (root / "twice").mkdir()
     (root / "twice" / "config.yaml").write_text(TWICE)
     return root
@@ -180,11 +182,14 @@ def test_a_batch_span_is_linked_to_every_request_it_served(
     unsampled_id = secrets.token_hex(16)
     unsampled, _ = traceparent(unsampled_id, sampled=False)
     calls: list[Callable[[], object]] = [
-        lambda h=h, v=float(i): grpc_infer(traced.url, "echo", v, {"traceparent": h})
+        lambda h=h, v=float(i): grpc_infer(
+            traced.url, "gathered", v, {"traceparent": h, "tracestate": "vendor=abc"}
+        )
         for i, (h, _) in enumerate(parents[:3])
     ]
-    calls.append(lambda: rest_infer(traced.http_url, "echo", 3.0, {"traceparent": parents[3][0]}))
-    calls.append(lambda: grpc_infer(traced.url, "echo", 4.0, {"traceparent": unsampled}))
+    rest_headers = {"traceparent": parents[3][0], "tracestate": "vendor=abc"}
+    calls.append(lambda: rest_infer(traced.http_url, "gathered", 3.0, rest_headers))
+    calls.append(lambda: grpc_infer(traced.url, "gathered", 4.0, {"traceparent": unsampled}))
     infer_concurrently(calls)
 
     def ours(spans: list[trace_pb2.Span]) -> list[trace_pb2.Span]:
@@ -204,10 +209,11 @@ def test_a_batch_span_is_linked_to_every_request_it_served(
         assert span.name == "infer"
         got = attributes(span)
         assert (got["tiffin.model"], got["tiffin.version"], got["tiffin.status"]) == (
-            "echo",
+            "gathered",
             "1",
             "OK",
         )
+        assert span.trace_state == "vendor=abc"  # the caller's tracestate, carried on
         children = {s.name for s in spans if s.parent_span_id == span.span_id}
         assert {"decode", "queue", "encode"} <= children, children
     assert sorted(attributes(s)["tiffin.protocol"] for s in requests) == [
