@@ -404,3 +404,29 @@ def test_bad_trace_config_is_refused_naming_the_flag(repository: Path) -> None:
     )
     assert result.returncode == 2
     assert "--trace-config" in result.stderr and "mode=opentelemetry" in result.stderr
+
+
+def test_trace_config_items_as_triton_spells_them_and_as_the_variable_splits_them() -> None:
+    from tiffin.server.observability.trace_config import parse_trace_config
+
+    flags = parse_trace_config(
+        ["mode=opentelemetry", "rate=5", "opentelemetry,url=collector.example:4317"]
+    )
+    assert (flags.enabled, flags.rate, flags.url) == (True, 5, "https://collector.example:4317")
+    # TIFFIN_TRACE_CONFIG=mode=opentelemetry,url=127.0.0.1:4317 reaches the parser split
+    # at its commas.
+    variable = parse_trace_config(["mode=opentelemetry", "url=127.0.0.1:4317", "opentelemetry"])
+    assert (variable.enabled, variable.rate, variable.url) == (True, 1000, "http://127.0.0.1:4317")
+    assert not parse_trace_config([]).enabled
+    assert not parse_trace_config(["mode=opentelemetry", "level=OFF"]).enabled
+    resource = parse_trace_config(["opentelemetry,resource=deployment.environment=prod"])
+    assert resource.resource == {"deployment.environment": "prod"}
+    for bad, says in (
+        (["rate=0"], "rate=0 must be a whole number of at least 1"),
+        (["mode=triton"], "mode=triton is not offered"),
+        (["level=TENSORS"], "tensors are never traced"),
+        (["colour=blue"], "'colour=blue' is not understood"),
+        (["url=nowhere"], "must be HOST:PORT"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            parse_trace_config(bad)

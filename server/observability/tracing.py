@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from opentelemetry import trace
@@ -40,15 +40,9 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import (
-    Decision,
-    ParentBased,
-    Sampler,
-    SamplingResult,
-)
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.util.types import Attributes
 
 from tiffin.scheduler.context import BatchTrace, RequestContext, Timeline
 
@@ -59,31 +53,8 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 TRACED_OPERATIONS = ("infer", "stream_infer")
-
-
-class EveryNth(Sampler):
-    """Samples one root span in `n`, counting (Triton's rate), not by chance."""
-
-    def __init__(self, n: int) -> None:
-        self._n = n
-        self._count = itertools.count()  # next() on it is atomic under the GIL
-
-    def should_sample(
-        self,
-        parent_context: Context | None,
-        trace_id: int,
-        name: str,
-        kind: SpanKind | None = None,
-        attributes: Attributes = None,
-        links: Sequence[Link] | None = None,
-        trace_state: Any = None,
-    ) -> SamplingResult:
-        if next(self._count) % self._n == 0:
-            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
-        return SamplingResult(Decision.DROP)
-
-    def get_description(self) -> str:
-        return f"EveryNth{{{self._n}}}"
+# traceparent flags (two lower-case hex digits) whose sampled bit, 0x01, is clear.
+_UNSAMPLED = frozenset(f"{flags:02x}" for flags in range(0, 256, 2))
 
 
 class Tracing:
@@ -95,9 +66,11 @@ class Tracing:
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             # Neither OTEL_SERVICE_NAME nor OTEL_RESOURCE_ATTRIBUTES named it.
             resource = resource.merge(Resource({SERVICE_NAME: "tiffin"}))
-        self._provider = TracerProvider(
-            resource=resource, sampler=ParentBased(root=EveryNth(config.rate))
-        )
+        # Which requests are traced is decided in `intercept`, before OpenTelemetry is
+        # called at all: an untraced request then costs a counter, not a dropped span.
+        self._provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
+        self._rate = config.rate
+        self._count = itertools.count()  # next() on it is atomic under the GIL
         # The endpoint, TLS, headers and timeout not given by --trace-config come from the
         # standard OTEL_EXPORTER_OTLP_(TRACES_)* variables, which the exporter reads.
         exporter = OTLPSpanExporter(endpoint=config.url or None)
@@ -125,25 +98,39 @@ class Tracing:
     def intercept(self, context: RequestContext, proceed: Callable[[], T]) -> T:
         """The "tracing" interceptor: starts the span of an inference request that is
         sampled, and ends it when the request is answered."""
-        if context.operation in TRACED_OPERATIONS:
-            parent = self._propagator.extract(context.metadata)
-            span = self.tracer.start_span(
-                context.operation,
-                parent,
-                kind=SpanKind.SERVER,
-                start_time=self.wall(context.timeline.received),
-                attributes={"tiffin.protocol": context.front_door},
-            )
-            if span.is_recording():
-                request = RequestTrace(self, span)
-                context.timeline.trace = request
-                context.on_finish.append(request.finished)
-                began = time.monotonic_ns()
-                try:
-                    return proceed()
-                finally:
-                    request.record("decode", began, time.monotonic_ns())
-        return proceed()
+        if context.operation not in TRACED_OPERATIONS:
+            return proceed()
+        parent = self._parent(context.metadata)
+        if parent is None:
+            return proceed()
+        span = self.tracer.start_span(
+            context.operation,
+            parent,
+            kind=SpanKind.SERVER,
+            start_time=self.wall(context.timeline.received),
+            attributes={"tiffin.protocol": context.front_door},
+        )
+        request = RequestTrace(self, span)
+        context.timeline.trace = request
+        context.on_finish.append(request.finished)
+        began = time.monotonic_ns()
+        try:
+            return proceed()
+        finally:
+            request.record("decode", began, time.monotonic_ns())
+
+    def _parent(self, metadata: Mapping[str, str]) -> Context | None:
+        """The context a traced request's span starts in (the caller's span, or a new
+        trace), or None when the request is not traced: the caller's traceparent says
+        sampled or not; without a valid one, one request in `rate` is."""
+        header = metadata.get("traceparent")
+        if header is not None:
+            if header.strip().rpartition("-")[2] in _UNSAMPLED:
+                return None  # the caller decided; no need to parse the rest
+            parent = self._propagator.extract(metadata)
+            if trace.get_current_span(parent).get_span_context().is_valid:
+                return parent
+        return Context() if next(self._count) % self._rate == 0 else None
 
     def shutdown(self) -> None:
         """Exports the spans still queued, then stops the exporter."""
