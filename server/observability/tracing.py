@@ -29,7 +29,6 @@ Which requests are traced: those whose `traceparent` says sampled; none whose
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -49,8 +48,6 @@ from tiffin.scheduler.context import BatchTrace, RequestContext, Timeline
 from .trace_config import TraceConfig
 
 T = TypeVar("T")
-
-log = logging.getLogger(__name__)
 
 TRACED_OPERATIONS = ("infer", "stream_infer")
 # traceparent flags (two lower-case hex digits) whose sampled bit, 0x01, is clear.
