@@ -313,6 +313,7 @@ class DataPlane:
         """Validates and queues a request. Wait on the result's `pending`, or pass `on_done`,
         which runs (on the scheduler's thread) once the request is answered."""
         context.model = request.model_name
+        context.id = request.id  # known before the model is resolved: access lines show it
 
         def start() -> Started:
             self._state.check_accepting()
