@@ -34,7 +34,7 @@ from tiffin.server.security import subject_of_der, subject_of_pem
 
 SEED = 20261130
 CREDENTIAL_CASES = 1500  # per front door
-CONFIG_CASES = 2000
+CONFIG_CASES = 1000
 CERTIFICATE_CASES = 2000
 BUDGET_SECONDS = 50.0  # per phase; a phase that runs longer stops and fails
 
