@@ -21,7 +21,6 @@ from tiffin.protos.errors import (
     NotEnabled,
     ServerNotReady,
     UnknownModel,
-    Unsupported,
 )
 from tiffin.protos.model_config import ModelConfig
 from tiffin.protos.names import parse_version, shown
@@ -31,6 +30,7 @@ from tiffin.scheduler.statistics import ModelStatistics
 
 from .bridge import LoopBridge, Pending
 from .interceptors import Chain
+from .overrides import parse_override
 from .registry import READY, ModelRegistry
 from .rollouts import HistoryEntry, Rollouts
 from .validation import WireRequest, validate
@@ -251,13 +251,8 @@ class DataPlane:
                 weights = parse_weights(parameters["traffic"])
                 self._bridge.call(self._registry.set_traffic(name, weights))
                 return
-            if parameters:
-                raise Unsupported(
-                    "loading with a config or files override is not supported; edit the "
-                    "model folder in the repository and load it again (the one parameter "
-                    "taken is 'traffic', new weights such as \"1=90,2=10\")"
-                )
-            self._bridge.call(self._registry.load(name))
+            override = parse_override(parameters)
+            self._bridge.call(self._registry.load(name, override))
 
         context.model = name
         self.chain.run(context, load)

@@ -33,6 +33,7 @@ from tiffin.protos.names import name_problem, parse_version, shown
 from tiffin.scheduler import Executor, InferenceRequest, InferenceResponse, ModelKey, Scheduler
 from tiffin.scheduler.statistics import ModelStatistics
 
+from .overrides import Override, StagingArea
 from .pipelines import StepModel, complete_pipeline, step_configs
 from .repository import ModelSpec, VersionSpec, read_model, read_repository
 from .traffic import TrafficRouter
@@ -92,6 +93,8 @@ class ModelRegistry:
         self._subscribers: list[Subscriber] = []
         self._changing: dict[str, asyncio.Lock] = {}
         self._routers: dict[str, TrafficRouter] = {}  # models whose config has `traffic`
+        self._staging = StagingArea()  # models laid out from load calls' config and files
+        self._staged: dict[str, set[Path]] = {}  # model -> staging folders it serves from
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop changes run on
 
     def subscribe(self, subscriber: Subscriber) -> None:
@@ -233,7 +236,7 @@ class ModelRegistry:
                 del pending[spec.name]
             await asyncio.gather(*(self._load(s) for s in batch))
 
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, override: Override | None = None) -> None:
         """(Re)reads one model folder and loads it; the old versions serve until the new
         are up, and keep serving if the new fail.
 
@@ -244,13 +247,32 @@ class ModelRegistry:
         problem = name_problem(name)
         if problem:
             raise InvalidInput(f"failed to load: {problem}")
-        path = self.repository / name
-        if not path.is_dir():
-            raise InvalidInput(f"failed to load '{name}': no model folder {path}")
-        spec = await asyncio.to_thread(read_model, path, self._allowed_backends)
+        if override is not None:  # laid out in the staging area: the repository is not written
+            spec = await asyncio.to_thread(
+                self._staging.lay_out, name, override, self.repository, self._allowed_backends
+            )
+        else:
+            path = self.repository / name
+            if not path.is_dir():
+                raise InvalidInput(f"failed to load '{name}': no model folder {path}")
+            spec = await asyncio.to_thread(read_model, path, self._allowed_backends)
         failures = await self._load(spec)
+        # A staging folder is removed once no version serves from it (_load has waited for
+        # retired executors to stop); a worker that restarts reads its model files again.
+        folders = self._staged.pop(name, set()) | ({spec.path} if override else set())
+        serving = {folder for folder in folders if self._serves_from(name, folder)}
+        for folder in folders - serving:
+            self._staging.remove(folder)
+        if serving:
+            self._staged[name] = serving
         if failures:
             raise InvalidInput(f"failed to load '{name}': " + "; ".join(failures))
+
+    def _serves_from(self, name: str, folder: Path) -> bool:
+        state = self._models.get(name)
+        return state is not None and any(
+            v.state == READY and v.spec.path.is_relative_to(folder) for v in state.versions.values()
+        )
 
     async def unload(self, name: str) -> None:
         """Unloads every version of a model; it stays known, as UNAVAILABLE. InvalidInput
@@ -262,12 +284,15 @@ class ModelRegistry:
             raise UnknownModel(f"Request for unknown model: '{shown(name)}' is not found")
         async with self._lock(name):
             await self._retire_all(name, "unloaded")
+            for folder in self._staged.pop(name, set()):
+                self._staging.remove(folder)
         await self._recheck_pipelines(name)
 
     async def unload_all(self) -> None:
         await asyncio.gather(
             *(self._retire_all(name, "server shutting down") for name in list(self._models))
         )
+        self._staging.clear()
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._changing.setdefault(name, asyncio.Lock())
