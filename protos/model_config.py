@@ -328,6 +328,16 @@ class RollbackRule(_Frozen):
         return self
 
 
+class ShadowRule(_Frozen):
+    """Mirror a share of the traffic to a candidate version: its answers are compared with
+    those the clients got, counted, and never returned."""
+
+    version: int = Field(ge=1, description="The candidate version (loaded, any weight).")
+    share: float = Field(gt=0, le=1, description="Share of requests mirrored to it.")
+    rtol: float = Field(1e-5, ge=0, description="Relative tolerance of the comparison.")
+    atol: float = Field(1e-6, ge=0, description="Absolute tolerance of the comparison.")
+
+
 class Traffic(_Frozen):
     """How requests that name no version are shared among the loaded versions.
 
@@ -340,6 +350,9 @@ class Traffic(_Frozen):
     )
     rollback: RollbackRule | None = Field(
         None, description="Takes a canary (a version below the largest weight) out when it fails."
+    )
+    shadow: ShadowRule | None = Field(
+        None, description="Mirrors a share of requests to a candidate, answers compared only."
     )
 
     @model_validator(mode="before")
@@ -369,6 +382,40 @@ class Traffic(_Frozen):
         """The versions a rollback rule watches: those below the largest weight."""
         top = max(self.weights.values())
         return {v for v, w in self.weights.items() if w < top}
+
+
+class Monitoring(_Frozen):
+    """Drift monitoring: a sample of requests' inputs and outputs compared with a reference
+    profile (population stability index and a KS statistic per feature)."""
+
+    reference: str = Field(
+        "profile.json",
+        description="The reference profile (`serverctl profile`), a file in the model folder.",
+    )
+    sample_rate: float = Field(
+        0.1, gt=0, le=1, description="Share of requests whose tensors are sampled."
+    )
+    window: int = Field(
+        1000, ge=10, le=100_000, description="Sampled rows each feature is judged on, the newest."
+    )
+    capture_first: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="Without a reference file: take the first N sampled rows as the reference.",
+    )
+    class_outputs: list[str] = Field(
+        default_factory=list,
+        description="Outputs that are per-class scores: the shares of their argmax are exported.",
+    )
+
+    @field_validator("reference")
+    @classmethod
+    def _in_model_folder(cls, value: str) -> str:
+        parts = value.replace("\\", "/").split("/")
+        if not value or value.startswith("/") or ".." in parts:
+            raise ValueError(f"reference '{value}' must be a file inside the model folder")
+        return value
 
 
 class ModelConfig(_Frozen):
@@ -413,6 +460,9 @@ class ModelConfig(_Frozen):
         default_factory=list,
         description="Requests each version must answer before it is READY and takes traffic.",
     )
+    monitoring: Monitoring | None = Field(
+        None, description="Drift monitoring of inputs and outputs; absent means none."
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ModelConfig:
@@ -433,6 +483,18 @@ class ModelConfig(_Frozen):
                     f"dynamic_batching.preferred_batch_size {too_big[0]} must be within "
                     f"1..max_batch_size ({self.max_batch_size})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _monitoring_checks(self) -> ModelConfig:
+        if self.monitoring is None:
+            return self
+        if self.pipeline is not None:
+            raise ValueError("a pipeline has no monitoring: monitor its steps' models instead")
+        outputs = {t.name for t in self.outputs}
+        for name in self.monitoring.class_outputs:
+            if outputs and name not in outputs:  # a backend may complete the outputs later
+                raise ValueError(f"monitoring.class_outputs names '{name}', which is not an output")
         return self
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ from tiffin.protos.model_config import ModelConfig
 from .admission import ServiceRate
 from .batcher import DynamicBatcher, Entry
 from .context import Trace
+from .drift import DriftMonitor
 from .instance import Execution, Instance
 from .request import InferenceRequest, InferenceResponse, ModelKey
 from .statistics import InstanceState, LiveState, ModelStatistics
@@ -42,7 +43,13 @@ class Executor(Protocol):
 class ModelExecutor:
     """Serves one model version. A request fails alone: results are per request."""
 
-    def __init__(self, key: ModelKey, config: ModelConfig, instances: list[Instance]) -> None:
+    def __init__(
+        self,
+        key: ModelKey,
+        config: ModelConfig,
+        instances: list[Instance],
+        monitor: DriftMonitor | None = None,
+    ) -> None:
         self.key = key
         self.statistics = ModelStatistics()
         self.config = config
@@ -62,6 +69,9 @@ class ModelExecutor:
         self._busy_since: dict[str, int] = {}
         self._closed = False
         self.statistics.live_state = self.live_state
+        self._monitor = monitor
+        if monitor is not None:
+            self.statistics.drift_report = monitor.report
 
     def live_state(self) -> LiveState:
         """Queues, requests in flight and instances as they are now (read from any thread:
@@ -87,10 +97,14 @@ class ModelExecutor:
 
     async def start(self) -> None:
         """Loads every instance (concurrently) and starts serving."""
+        if self._monitor is not None:
+            self._monitor.start()  # first: a reference that does not fit fails the load
         results = await asyncio.gather(*(i.load() for i in self._instances), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             await asyncio.gather(*(i.unload() for i in self._instances), return_exceptions=True)
+            if self._monitor is not None:
+                self._monitor.stop()
             raise failures[0]
         self._tasks = [asyncio.create_task(self._serve(i)) for i in self._instances]
 
@@ -160,6 +174,8 @@ class ModelExecutor:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(i.unload() for i in self._instances), return_exceptions=True)
+        if self._monitor is not None:
+            self._monitor.stop()
 
     async def _serve(self, instance: Instance) -> None:
         task = asyncio.current_task()
@@ -270,6 +286,10 @@ class ModelExecutor:
             stats.record_outcome(True, done - entry.request.arrival_ns)
             if not entry.future.done():
                 entry.future.set_result(response)
+        if self._monitor is not None and len(failed) < len(requests):
+            # After the answers: sampling copies the chosen rows (views of a worker's arena
+            # too, which its next batch reuses), then hands them to the monitor's thread.
+            self._monitor.offer(requests, execution.outputs, failed)
 
     async def _traced(
         self,

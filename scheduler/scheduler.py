@@ -12,6 +12,7 @@ from tiffin.protos.tensors import element_count
 
 from .arena import align
 from .devices import place_instances
+from .drift import DriftMonitor
 from .executor import Executor, ModelExecutor
 from .forwarding import ForwardingExecutor
 from .instance import InlineInstance, Instance, WorkerInstance
@@ -61,7 +62,9 @@ class Scheduler:
         placements = place_instances(config.instance_group, key.name)
         size = arena_bytes(config)
         instances: list[Instance] = []
-        executor = ModelExecutor(key, config, instances)
+        # The model folder holds the version folders and the drift reference.
+        monitor = DriftMonitor(key, config, version_dir.parent) if config.monitoring else None
+        executor = ModelExecutor(key, config, instances, monitor)
         for i, (device, inline) in enumerate(placements):
             name = f"{key.name}_{key.version}_{i}"
             instances.append(

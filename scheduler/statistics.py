@@ -9,6 +9,8 @@ from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .drift import DriftReport
+
 # The request-level durations Tiffin measures, by their Triton names.
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 
@@ -113,6 +115,9 @@ class ModelStatistics:
     # so that requests pay nothing for it.
     live: LiveState = field(default_factory=LiveState)
     live_state: Callable[[], LiveState] | None = field(default=None, repr=False)
+    # Filled by snapshot() from `drift_report`, set by a version with monitoring.
+    drift: DriftReport | None = None
+    drift_report: Callable[[], DriftReport] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_execution(
@@ -178,4 +183,6 @@ class ModelStatistics:
         # Outside the lock: the live state is the executor's, read as it is now.
         if self.live_state is not None:
             copy.live = self.live_state()
+        if self.drift_report is not None:
+            copy.drift = self.drift_report()
         return copy

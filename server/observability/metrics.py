@@ -24,6 +24,7 @@ from tiffin.scheduler.context import RequestContext
 from tiffin.scheduler.request import ModelKey
 from tiffin.scheduler.statistics import BUCKETS, COMPUTE_STAGES, Histogram, ModelStatistics
 
+from .drift import drift_families
 from .gpu import Gpus
 from .process import ProcessSample, sample
 
@@ -183,6 +184,7 @@ class Metrics:
         for (model, version, event), n in sorted(events.items()):
             labels = _labels(model=model, version=version, event=event)
             lines.append(f"tiffin_model_events_total{{{labels}}} {n}")
+        _render_drift(lines, stats)
         _render_workers(lines, stats)
         _render_process(lines, sample(os.getpid()))
         self._render_gpus(lines)
@@ -288,6 +290,15 @@ def _render_now(lines: list[str], stats: list[tuple[ModelKey, ModelStatistics]])
             lines.append(
                 f"tiffin_worker_restarts_total{{{_instance_labels(key, i.name)}}} {i.restarts}"
             )
+
+
+def _render_drift(lines: list[str], stats: list[tuple[ModelKey, ModelStatistics]]) -> None:
+    """Drift scores and class shares of the versions with monitoring (computed by their
+    monitors when their statistics are read, at most once a second)."""
+    for family in drift_families(stats):
+        _header(lines, family.name, family.kind, family.what)
+        for labels, value in family.samples:
+            lines.append(f"{family.name}{{{_labels(**labels)}}} {_number(float(value))}")
 
 
 def _render_workers(lines: list[str], stats: list[tuple[ModelKey, ModelStatistics]]) -> None:
