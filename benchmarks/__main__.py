@@ -15,6 +15,7 @@ VERBS = {
     "echo": "echo",
     "load": "load",
     "overload": "overload",
+    "swap": "swap",
 }
 
 

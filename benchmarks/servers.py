@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -107,6 +108,7 @@ def start_tiffin(
     timeout: float = 120.0,
     http: bool = True,
     metrics: bool = True,
+    extra: Sequence[str] = (),
 ) -> ServerProcess:
     """`serverctl serve` pinned to `cpus`, once SERVING and every model in `models` ready;
     with the REST front door on a free port (`http_url`), or off (`http` False), and the
@@ -127,6 +129,7 @@ def start_tiffin(
     command += ["--metrics-port", str(free_port())] if metrics else ["--no-allow-metrics"]
     if grpc_threads is not None:
         command += ["--grpc-threads", str(grpc_threads)]
+    command += list(extra)
     server = ServerProcess(pinned(command, cpus), log_path, f"127.0.0.1:{port}")
     server.http_url = f"127.0.0.1:{http_port}" if http else ""
     try:

@@ -311,3 +311,27 @@ def test_overload_summary_counts_and_recovery():
     assert s["server_work"]["wasted_fraction"] == pytest.approx(1 - 70 / 120)
     assert s["target"]["goodput_ok"] and s["target"]["admitted_p99_ok"] is False
     assert s["target"]["pass"] is False
+
+
+def test_swap_run_writes_json(tmp_path: Path):
+    """A short swap scenario against a real server: the reload happens under load, every
+    request is answered, and the report holds the steady and swap-second p99."""
+    server_cpus, client_cpus = _cpus()
+    command = [
+        sys.executable, "-m", "benchmarks", "swap",
+        "--model", "mlp",
+        "--concurrency", "2",
+        "--steady", "2",
+        "--swaps", "1",
+        "--every", "1",
+        "--server-cpus", server_cpus,
+        "--client-cpus", client_cpus,
+        "--out", str(tmp_path),
+        "--model-repository", str(tmp_path / "models"),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=140)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = json.loads((tmp_path / "swap.json").read_text())
+    assert run["failed"] == 0 and run["requests"] > 50
+    assert run["steady_p99_ms"] > 0 and len(run["swaps"]) == 1
+    assert run["swaps"][0]["requests_in_swap_second"] > 0
