@@ -31,6 +31,8 @@ cli.VERBS.setdefault("status", status)
 sys.exit(cli.main())
 """
 FAIL = ECHO.replace("toy_backends:Echo", "toy_backends:Fail")
+# Drift monitoring whose reference is the first 50 rows, judged on the newest 50.
+WATCHED = ECHO + "monitoring: {sample_rate: 1.0, window: 50, capture_first: 50}\n"
 RATE = 40.0  # requests per second sent to echo while status watches
 BAD_RATE = 10.0  # failing requests per second sent to fail
 
@@ -77,16 +79,21 @@ class Load:
 
 
 def test_status_shows_what_was_sent(make_server, tmp_path: Path) -> None:
-    repo = write_repository(tmp_path / "repo", {"echo": ECHO, "fail": FAIL})
+    repo = write_repository(tmp_path / "repo", {"echo": ECHO, "fail": FAIL, "watched": WATCHED})
     server = make_server(repo)
     remote = ("--url", server.url, "--metrics-url", server.metrics_url)
+    # The reference from N(0, 1), then traffic from N(5, 1): the PSI gauge says it drifted.
+    rng = np.random.default_rng(7)
+    with InferenceClient(server.url, timeout=10) as client:
+        for mean in [0.0] * 50 + [5.0] * 50:
+            client.infer("watched", {"INPUT0": rng.normal(mean, 1, (1, 2)).astype(np.float32)})
 
     with Load(server.url, "echo", 1.0, RATE) as good, Load(server.url, "fail", -1.0, BAD_RATE):
         time.sleep(0.5)  # both paced before status's first scrape
         watched = serverctl("status", *remote, "--once", "--json", "--interval", "2")
     assert watched.returncode == 0, watched.stderr
     rows = {(r["model"], r["version"]): r for r in json.loads(watched.stdout)}
-    assert set(rows) == {("echo", "1"), ("fail", "1")}
+    assert set(rows) == {("echo", "1"), ("fail", "1"), ("watched", "1")}
 
     echo = rows["echo", "1"]
     assert echo["state"] == "READY"
@@ -106,7 +113,9 @@ def test_status_shows_what_was_sent(make_server, tmp_path: Path) -> None:
     # At rest: nothing asked in the interval, nothing queued, no latency to show.
     rest = serverctl("status", *remote, "--once", "--json", "--interval", "0.5")
     assert rest.returncode == 0, rest.stderr
-    idle = {(r["model"], r["version"]): r for r in json.loads(rest.stdout)}["echo", "1"]
+    at_rest = {(r["model"], r["version"]): r for r in json.loads(rest.stdout)}
+    assert at_rest["watched", "1"]["drift_score"] > 0.2  # PSI_DRIFTED
+    idle = at_rest["echo", "1"]
     assert idle["requests_per_second"] == 0 and idle["errors_per_second"] == 0
     assert idle["queue_depth"] == 0
     assert idle["p50_seconds"] is None and idle["p99_seconds"] is None
@@ -143,8 +152,13 @@ def test_status_of_an_unreachable_server_is_a_sentence() -> None:
     assert f"serverctl status: error: cannot read the repository index from {url}" in answer.stderr
     assert "Traceback" not in answer.stderr and answer.stdout == ""
 
-    usage = serverctl("status", "--url", url, "--interval", "0")
-    assert usage.returncode == 2 and "--interval must be more than 0 seconds" in usage.stderr
+    for flags, sentence in (
+        (("--interval", "0"), "--interval must be more than 0 seconds, not 0."),
+        (("--json",), "--json prints one set of rows: it needs --once."),
+        (("--metrics-url", "file:///etc/hostname"), "is not an http:// or https:// URL."),
+    ):
+        usage = serverctl("status", "--url", url, *flags)
+        assert usage.returncode == 2 and sentence in usage.stderr, usage.stderr
 
 
 def test_parser_reads_escapes_and_special_values() -> None:

@@ -30,18 +30,9 @@ from .remote import add_remote_arguments, client_from_arguments, print_json
 
 HELP = "Watch a running server: per model version, state, req/s, latency, batches and errors."
 
-COLUMNS = [
-    "model",
-    "version",
-    "state",
-    "req/s",
-    "p50",
-    "p99",
-    "batch",
-    "queue",
-    "errors/s",
-    "drift",
-]
+COLUMNS = (
+    "model version state req/s p50 p99 batch queue errors/s drift"
+).split()  # batch: mean rows per execution; drift: the largest PSI of a feature
 METRICS_PORT = 8002
 Key = tuple[tuple[str, str], ...]  # a sample's labels, sorted
 
@@ -104,7 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.interval > 0:
         raise SettingsError(f"--interval must be more than 0 seconds, not {args.interval:g}.")
+    if args.json and not args.once:
+        raise SettingsError("--json prints one set of rows: it needs --once.")
     metrics_url = args.metrics_url or default_metrics_url(args.url)
+    if urlsplit(metrics_url).scheme not in ("http", "https"):
+        raise SettingsError(f"--metrics-url {metrics_url} is not an http:// or https:// URL.")
     with client_from_arguments(args) as client:
         states = read_states(client, args.url)  # a server that is not there fails first
         before = scrape(metrics_url, args.timeout)
