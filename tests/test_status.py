@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -12,8 +13,11 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from certificates import Authority
+from test_security import TOKENS, token_file
 
 from conftest import free_port
 from models import ECHO, write_repository
@@ -33,6 +37,8 @@ sys.exit(cli.main())
 FAIL = ECHO.replace("toy_backends:Echo", "toy_backends:Fail")
 # Drift monitoring whose reference is the first 50 rows, judged on the newest 50.
 WATCHED = ECHO + "monitoring: {sample_rate: 1.0, window: 50, capture_first: 50}\n"
+# The test's own flags decide, not what the caller's environment says.
+ENV = {k: v for k, v in os.environ.items() if k not in ("TIFFIN_TOKEN", "TIFFIN_METRICS_URL")}
 RATE = 40.0  # requests per second sent to echo while status watches
 BAD_RATE = 10.0  # failing requests per second sent to fail
 
@@ -43,6 +49,7 @@ def serverctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=ENV,
     )
 
 
@@ -132,6 +139,7 @@ def test_status_shows_what_was_sent(make_server, tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=ENV,
     )
     time.sleep(4)
     live.send_signal(signal.SIGINT)
@@ -143,6 +151,29 @@ def test_status_shows_what_was_sent(make_server, tmp_path: Path) -> None:
     unserved = serverctl("status", "--url", server.url, "--metrics-url", bad_metrics, "--once")
     assert unserved.returncode == 1
     assert f"cannot read metrics from {bad_metrics}" in unserved.stderr
+
+
+def test_status_over_tls_with_a_token(make_server, tmp_path: Path) -> None:
+    repo = write_repository(tmp_path / "repo", {"echo": ECHO})
+    ca = Authority(tmp_path / "pki")
+    cert = ca.issue("server", "localhost", server=True)
+    server = make_server(
+        repo,
+        *("--grpc-use-ssl", "--grpc-server-cert", str(cert.cert)),
+        *("--grpc-server-key", str(cert.key)),
+        *("--auth-token-file", str(token_file(tmp_path))),
+        credentials=grpc.ssl_channel_credentials(ca.cert.read_bytes()),
+    )
+    (tmp_path / "token").write_text(TOKENS["reader"] + "\n")
+    remote = ("--url", server.url, "--ssl", "--root-cert", str(ca.cert))
+    metrics = ("--metrics-url", server.metrics_url, "--once", "--json", "--interval", "0.2")
+
+    answer = serverctl("status", *remote, *metrics, "--token-file", str(tmp_path / "token"))
+    assert answer.returncode == 0, answer.stderr
+    assert [(r["model"], r["state"]) for r in json.loads(answer.stdout)] == [("echo", "READY")]
+    refused = serverctl("status", *remote, *metrics)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    assert f"cannot read the repository index from {server.url}" in refused.stderr
 
 
 def test_status_of_an_unreachable_server_is_a_sentence() -> None:
