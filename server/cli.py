@@ -25,6 +25,7 @@ from .commands import (
     rollback,
     rollout,
     serve,
+    status,
     token,
     traffic,
     unload,
@@ -47,6 +48,7 @@ VERBS = {
     "rollout": rollout,
     "rollback": rollback,
     "history": history,
+    "status": status,
 }
 # The frameworks behind the backends, by distribution name, as --version reports them.
 FRAMEWORKS = ("onnxruntime", "onnxruntime-gpu", "torch", "tritonclient", "numpy", "grpcio")
