@@ -219,3 +219,26 @@ def test_monitoring_config_is_checked(monitoring: dict, message: str) -> None:
     }
     with pytest.raises(ValueError, match=message):
         ModelConfig.model_validate(document)
+
+
+def test_a_captured_reference_from_a_worker_instance(tmp_path: Path, make_server) -> None:
+    """No profile file: the first 2000 sampled rows become the reference. The model runs in
+    a worker process, whose outputs are views of shared memory until copied."""
+    config = CONFIG.replace("kind: inline", "kind: cpu").replace(
+        "window: 1000", "window: 1000, capture_first: 2000"
+    )
+    write_model(tmp_path, "m", config, {1: identity})
+    server = make_server(tmp_path)
+    rng = np.random.default_rng(11)
+    _send(server, rng.normal(size=(2000, 4)))
+    before, _ = _wait(server, 2000)
+    assert all(before[f, "psi"] < 0.1 for f in "0123"), before
+    shifted = rng.normal(size=(1000, 4))
+    shifted[:, 3] += 2
+    _send(server, shifted)
+    after, shares = _wait(server, 3000)
+    print(
+        "captured reference, PSI after the shift:", {f: round(after[f, "psi"], 4) for f in "0123"}
+    )
+    assert after["3", "psi"] > 0.2 and all(after[f, "psi"] < 0.2 for f in "012"), after
+    assert shares["3"] > 0.6, shares
