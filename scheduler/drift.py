@@ -331,28 +331,32 @@ class DriftMonitor:
         chosen = [i for i in range(len(requests)) if draw() < self._rate and i not in failed]
         if not chosen:
             return
-        batched = self._batched and len(requests) > 1
-        starts = np.cumsum([0, *(r.batch_size for r in requests)]) if batched else None
-        if starts is not None:  # outputs without a row per item failed their requests
+        rows_of = self._batched  # whether each tensor's first dim is its rows
+        chosen_rows: np.ndarray | slice = slice(None)  # the chosen requests' rows of outputs
+        if rows_of and len(requests) > 1:
+            starts = np.cumsum([0, *(r.batch_size for r in requests)])
+            # Outputs without a row per item failed their requests.
             outputs = {n: a for n, a in outputs.items() if a.shape[:1] == (starts[-1],)}
-        parts: dict[str, list[np.ndarray]] = {}
-        classes: dict[str, list[np.ndarray]] = {}
-        for i in chosen:
-            request = requests[i]
-            arrays = {n: request.inputs[n] for n in self._inputs if n in request.inputs}
-            for name, array in outputs.items():
-                if starts is not None:
-                    array = array[starts[i] : starts[i + 1]]
-                if name in self._tensors:
-                    arrays[name] = array
-                if name in self._classes:
-                    flat = array.reshape(len(array) if self._batched else 1, -1)
-                    classes.setdefault(name, []).append(np.argmax(flat, axis=1)[:, None])
-            for name, array in arrays.items():
-                parts.setdefault(name, []).append(feature_rows(array, self._batched))
-        features = {n: np.concatenate(p) for n, p in parts.items()}
+            if len(chosen) < len(requests):
+                chosen_rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in chosen])
+        features: dict[str, np.ndarray] = {}
+        for name in self._inputs:
+            arrays = [requests[i].inputs[name] for i in chosen if name in requests[i].inputs]
+            if arrays:
+                if rows_of:
+                    features[name] = feature_rows(np.concatenate(arrays), True)
+                else:
+                    features[name] = np.concatenate([feature_rows(a, False) for a in arrays])
+        classes: dict[str, np.ndarray] = {}
+        for name, array in outputs.items():
+            array = array[chosen_rows]  # a copy when some rows are left out
+            if name in self._tensors:
+                features[name] = feature_rows(array, rows_of)
+            if name in self._classes:
+                flat = array.reshape(len(array) if rows_of else 1, -1)
+                classes[name] = np.argmax(flat, axis=1)[:, None]
         rows = max((len(a) for a in features.values()), default=0)
-        sample = _Sample(features, {n: np.concatenate(c) for n, c in classes.items()}, rows)
+        sample = _Sample(features, classes, rows)
         try:
             self._queue.put_nowait(sample)
         except queue.Full:

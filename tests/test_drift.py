@@ -17,7 +17,9 @@ from test_metrics import scrape
 from conftest import ServerProcess
 from models import identity, write_model
 from tiffin.protos.model_config import ModelConfig
+from tiffin.scheduler import drift
 from tiffin.scheduler.drift import (
+    FEATURES_PER_TENSOR,
     QUEUE_BATCHES,
     DriftMonitor,
     FeatureProfile,
@@ -103,6 +105,39 @@ def test_a_full_queue_drops_without_blocking(tmp_path: Path) -> None:
         assert monitor.report().dropped == 50
     finally:
         monitor.stop()
+
+
+def test_only_the_sampled_requests_rows_are_taken(tmp_path: Path, monkeypatch) -> None:
+    config = ModelConfig.model_validate(
+        {
+            "backend": "onnxruntime",
+            "max_batch_size": 8,
+            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [2, 40]}],
+            "outputs": [{"name": "OUTPUT0", "datatype": "INT64", "dims": [3]}],
+            "monitoring": {"sample_rate": 0.5, "capture_first": 10},
+        }
+    )
+    key = ModelKey("m", 1)
+    monitor = DriftMonitor(key, config, tmp_path)
+    sizes = (1, 2, 3)
+    requests = [
+        InferenceRequest(key, {"INPUT0": np.full((n, 2, 40), i, np.float32)}, [], batch_size=n)
+        for i, n in enumerate(sizes)
+    ]
+    outputs = {"OUTPUT0": np.arange(18).reshape(6, 3)}
+    draws = iter([0.9, 0.1, 0.9])  # only the second request is sampled
+    monkeypatch.setattr(drift.random, "random", lambda: next(draws))
+    monitor.offer(requests, outputs)
+    sample = monitor._queue.get_nowait()
+    assert sample is not None and sample.rows == 2
+    # Its two rows, the first 64 of their 80 elements (the cap), as float64 copies.
+    assert sample.features["INPUT0"].shape == (2, FEATURES_PER_TENSOR)
+    assert np.all(sample.features["INPUT0"] == 1)
+    assert sample.features["OUTPUT0"].tolist() == [[3, 4, 5], [6, 7, 8]]
+    # A request that failed is never sampled.
+    draws = iter([0.1, 0.9, 0.9])
+    monitor.offer(requests, outputs, failed={0})
+    assert monitor._queue.empty()
 
 
 def _profile(model_dir: Path, data: Path) -> int:
