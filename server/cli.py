@@ -22,6 +22,7 @@ from .commands import (
     history,
     load,
     models,
+    profile,
     rollback,
     rollout,
     serve,
@@ -49,6 +50,7 @@ VERBS = {
     "rollback": rollback,
     "history": history,
     "status": status,
+    "profile": profile,
 }
 # The frameworks behind the backends, by distribution name, as --version reports them.
 FRAMEWORKS = ("onnxruntime", "onnxruntime-gpu", "torch", "tritonclient", "numpy", "grpcio")

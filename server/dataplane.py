@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from tiffin.protos.errors import (
     InvalidInput,
     NotEnabled,
     ServerNotReady,
+    TiffinError,
     UnknownModel,
 )
 from tiffin.protos.model_config import ModelConfig
@@ -33,6 +35,7 @@ from .interceptors import Chain
 from .overrides import parse_override
 from .registry import READY, ModelRegistry
 from .rollouts import HistoryEntry, Rollouts
+from .traffic import TrafficRouter, same_answer
 from .validation import WireRequest, validate
 
 SERVER_NAME = "tiffin"
@@ -323,15 +326,69 @@ class DataPlane:
             assert config is not None
             key = ModelKey(request.model_name, spec.version)
             decoded = validate(request, key, config, context, self._max_elements)
-            if router is not None and router.watches(spec.version):
-                context.on_finish.append(
-                    lambda c: router.observe(
-                        spec.version, c.status, c.timeline.between("received", "sent") / 1e9
-                    )
-                )
-            return Started(self._bridge.submit(decoded, on_done), config)
+            done = on_done
+            if router is not None and not request.model_version:
+                ready = self._registry.state(request.model_name).ready_versions()
+                shadow = router.shadow_for(spec.version, ready)
+                if shadow is not None:
+                    done = self._mirror(request, router, shadow, on_done)
+            self._watch(router, spec.version, context)
+            return Started(self._bridge.submit(decoded, done), config)
 
         return self.chain.run(context, start)
+
+    @staticmethod
+    def _watch(router: TrafficRouter | None, version: int, context: RequestContext) -> None:
+        """A canary's answers are judged by its rollback rule as they finish."""
+        if router is not None and router.watches(version):
+            context.on_finish.append(
+                lambda c: router.observe(
+                    version, c.status, c.timeline.between("received", "sent") / 1e9
+                )
+            )
+
+    def _mirror(
+        self,
+        request: WireRequest,
+        router: TrafficRouter,
+        version: int,
+        on_done: Callable[[Pending], None] | None,
+    ) -> Callable[[Pending], None] | None:
+        """Sends a copy of `request` to the shadow `version`; the `on_done` to give the
+        client's own request, which compares the two answers once both are in. The copy has
+        a context of its own: it is not counted, limited or traced as a client's request."""
+        rule = router.traffic.shadow
+        assert rule is not None
+        try:
+            shadow_spec = self._registry.resolve(request.model_name, str(version)).spec
+            assert shadow_spec.config is not None
+            key = ModelKey(request.model_name, version)
+            copy = validate(request, key, shadow_spec.config, RequestContext("shadow", "infer"))
+        except TiffinError:  # the candidate cannot take this request: counted as an error
+            router.compared(None)
+            return on_done
+        answers: dict[str, dict[str, Any] | None] = {}
+        lock = threading.Lock()
+
+        def settle(which: str, pending: Pending) -> None:
+            with lock:
+                answers[which] = pending.response.outputs if pending.response else None
+                if len(answers) < 2:
+                    return
+            primary, shadow = answers["primary"], answers["shadow"]
+            if primary is not None:  # the client's own request failed: nothing to compare
+                difference = (
+                    None if shadow is None else same_answer(primary, shadow, rule.rtol, rule.atol)
+                )
+                router.compared(difference)
+
+        def primary_done(pending: Pending) -> None:
+            settle("primary", pending)
+            if on_done is not None:
+                on_done(pending)
+
+        self._bridge.submit(copy, lambda pending: settle("shadow", pending))
+        return primary_done
 
 
 def parse_weights(value: Any) -> dict[int, int]:

@@ -122,6 +122,14 @@ class ModelRegistry:
             raise UnknownModel(f"Request for unknown model: '{shown(name)}' is not found")
         return state
 
+    def shadow_counts(self) -> list[tuple[ModelKey, dict[str, int]]]:
+        """Each shadow candidate's comparisons so far (match, mismatch, error)."""
+        return [
+            (ModelKey(name, router.traffic.shadow.version), dict(router.shadowed))
+            for name, router in list(self._routers.items())
+            if router.traffic.shadow is not None
+        ]
+
     def router(self, name: str) -> TrafficRouter | None:
         """The model's traffic split, if its config has one."""
         return self._routers.get(name)

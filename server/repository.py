@@ -298,10 +298,13 @@ def read_model(model_dir: Path, allowed_backends: Sequence[str] | None = None) -
             f"({', '.join(map(str, available))})"
         )
     if config.traffic is not None:
-        unloaded = sorted(set(config.traffic.weights) - set(selected))
+        named = set(config.traffic.weights)
+        if config.traffic.shadow is not None:
+            named.add(config.traffic.shadow.version)
+        unloaded = sorted(named - set(selected))
         if unloaded:
             problems.append(
-                f"{config_file}: traffic: weights name version {unloaded[0]}, which the "
+                f"{config_file}: traffic: names version {unloaded[0]}, which the "
                 f"version_policy does not load (it loads {', '.join(map(str, selected)) or 'none'}"
                 "; version_policy: {all: {}} loads every version folder)"
             )

@@ -90,7 +90,7 @@ class Server:
         self._registry.subscribe(lambda event, key: self._models_changed())
         self._metrics: MetricsEndpoint | None = None
         if settings.allow_metrics:
-            metrics = Metrics(self._serving_statistics)
+            metrics = Metrics(self._serving_statistics, shadows=self._registry.shadow_counts)
             self.plane.chain.install("metrics", metrics.intercept)
             self.plane.refused = metrics.refused
             self.security.counted = metrics.refused

@@ -19,8 +19,11 @@ import hashlib
 import logging
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
+
+import numpy as np
 
 from tiffin.protos.model_config import Traffic
 
@@ -34,6 +37,27 @@ def sticky_point(key: str) -> float:
     """Where a sticky key lands on [0, 1): the same everywhere and across restarts."""
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
+
+
+def same_answer(
+    primary: dict[str, np.ndarray], shadow: dict[str, np.ndarray], rtol: float, atol: float
+) -> str:
+    """ "" when two answers agree (the same outputs and shapes; numbers within tolerance,
+    anything else equal), else what differs first."""
+    if primary.keys() != shadow.keys():
+        return f"outputs {sorted(shadow)} instead of {sorted(primary)}"
+    for name, expected in primary.items():
+        got = shadow[name]
+        if got.shape != expected.shape:
+            return f"output '{name}' has shape {list(got.shape)} instead of {list(expected.shape)}"
+        numeric = expected.dtype.kind in "biuf" and got.dtype.kind in "biuf"
+        if numeric:
+            if not np.allclose(got, expected, rtol=rtol, atol=atol, equal_nan=True):
+                worst = float(np.max(np.abs(got.astype(np.float64) - expected)))
+                return f"output '{name}' differs by up to {worst:.3g}"
+        elif not np.array_equal(got, expected):
+            return f"output '{name}' differs"
+    return ""
 
 
 class TrafficRouter:
@@ -51,6 +75,9 @@ class TrafficRouter:
         # version -> its last answers: (server fault?, latency in seconds)
         self._recent: dict[int, deque[tuple[bool, float]]] = {}
         self._since_check: dict[int, int] = {}
+        # The shadow candidate's comparisons: outcome -> count (match, mismatch, error).
+        self.shadowed: dict[str, int] = {"match": 0, "mismatch": 0, "error": 0}
+        self._mismatch_logged = 0.0
 
     def set_weights(self, weights: dict[int, int]) -> None:
         """An operator's new weights: they replace the live ones and clear rollbacks."""
@@ -75,6 +102,33 @@ class TrafficRouter:
             if point < 0:
                 return version
         return shares[-1][0]
+
+    def shadow_for(self, version: int, ready: list[int]) -> int | None:
+        """The candidate to mirror a request served by `version` to, for a share of them."""
+        shadow = self.traffic.shadow
+        if shadow is None or shadow.version == version or shadow.version not in ready:
+            return None
+        return shadow.version if random.random() < shadow.share else None
+
+    def compared(self, difference: str | None) -> None:
+        """One mirrored request's outcome: None (the candidate failed), "" (the same
+        answer) or what differed."""
+        outcome = "error" if difference is None else ("mismatch" if difference else "match")
+        with self._lock:
+            self.shadowed[outcome] += 1
+            # At most one line a minute: a candidate that always differs must not flood logs.
+            loud = difference and time.monotonic() - self._mismatch_logged > 60
+            if loud:
+                self._mismatch_logged = time.monotonic()
+        if loud:
+            log.warning(
+                "model '%s' shadow version %d answered differently: %s (%d of %d compared)",
+                self.model,
+                self.traffic.shadow.version if self.traffic.shadow else 0,
+                difference,
+                self.shadowed["mismatch"],
+                sum(self.shadowed.values()),
+            )
 
     def watches(self, version: int) -> bool:
         return bool(self._window) and version in self.traffic.canaries()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -115,9 +116,15 @@ def test_a_failing_canary_is_rolled_back_and_weights_are_set_again(
     state, reason = index[("m", "2")]
     assert state == "READY" and reason.startswith("rolled back: error ratio"), reason
     assert "model 'm' version 2 rolled back: error ratio" in server.log()
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as reply:
-        metrics = reply.read().decode()
-    assert 'tiffin_model_events_total{model="m",version="2",event="rolled_back"} 1' in metrics
+    event = 'tiffin_model_events_total{model="m",version="2",event="rolled_back"} 1'
+    deadline = time.monotonic() + 10  # the event reaches the registry's loop a moment later
+    while True:
+        with urllib.request.urlopen(server.metrics_url, timeout=10) as reply:
+            metrics = reply.read().decode()
+        if event in metrics or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert event in metrics
     # An operator sets the weights again (admin call): the canary is back, its note gone.
     request = urllib.request.Request(
         f"http://{server.http_url}/v2/repository/models/m/load",
@@ -149,3 +156,34 @@ def test_bad_traffic_is_refused(make_server, tmp_path: Path) -> None:
             raise AssertionError(f"{body} was taken")
         except urllib.error.HTTPError as exc:
             assert exc.code == 400 and fragment in exc.read().decode(), body
+
+
+def test_shadow_traffic_is_compared_and_never_returned(make_server, tmp_path: Path) -> None:
+    traffic = "traffic:\n  weights: {1: 100}\n  shadow: {version: 2, share: 1.0}\n"
+    server = make_server(repository(tmp_path, traffic))
+    client = grpcclient.InferenceServerClient(server.url)
+    for value, count in ((1.0, 30), (-1.0, 10), (200.0, 5)):
+        for _ in range(count):
+            result = client.infer("m", one_input(value))
+            # The client always gets version 1's answer, whatever the candidate does.
+            assert result.get_response().model_version == "1"
+            assert result.as_numpy("OUTPUT0").tolist() == [[value, value]]
+    expected = {"match": 30, "error": 10, "mismatch": 5}
+    deadline = time.monotonic() + 10
+    while True:
+        with urllib.request.urlopen(server.metrics_url, timeout=10) as reply:
+            metrics = reply.read().decode()
+        name = 'tiffin_shadow_comparisons_total{model="m",version="2",outcome="'
+        lines = {outcome: f'{name}{outcome}"}} {n}' for outcome, n in expected.items()}
+        if all(line in metrics for line in lines.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(line in metrics for line in lines.values()), [
+        line for line in metrics.splitlines() if "shadow" in line
+    ]
+    assert (
+        "shadow version 2 answered differently: output 'OUTPUT0' differs by up to 200"
+        in server.log()
+    )
+    stats = {s.version: s.inference_count for s in client.get_inference_statistics("m").model_stats}
+    assert stats["2"] == 35  # it ran the mirrored requests it could (the 10 failed)

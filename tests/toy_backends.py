@@ -92,12 +92,16 @@ class Fail(_Toy):
 
 
 class Canary(_Toy):
-    """OUTPUT0 = INPUT0, but in version folder 2 a batch holding a negative value raises: a
-    canary that fails for the requests that carry one."""
+    """OUTPUT0 = INPUT0, but in version folder 2 a batch holding a negative value raises (a
+    canary that fails for the requests that carry one), and values above 100 come back
+    doubled (a candidate that answers differently)."""
 
     def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        if self.version_dir.name == "2" and (inputs["INPUT0"] < 0).any():
-            raise RuntimeError("the canary fails on negative input")
+        values = inputs["INPUT0"]
+        if self.version_dir.name == "2":
+            if (values < 0).any():
+                raise RuntimeError("the canary fails on negative input")
+            return {"OUTPUT0": np.where(values > 100, values * 2, values)}
         return super().infer(inputs, outputs)
 
 

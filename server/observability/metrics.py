@@ -65,8 +65,10 @@ class Metrics:
         self,
         statistics: Callable[[], Iterable[tuple[ModelKey, ModelStatistics]]],
         gpus: Gpus | None = None,
+        shadows: Callable[[], Iterable[tuple[ModelKey, dict[str, int]]]] = lambda: (),
     ) -> None:
         self._statistics = statistics  # every serving version's statistics, read at scrape
+        self._shadows = shadows  # shadow candidates' comparison counts, read at scrape
         self._gpus = gpus or Gpus()
         # Each thread that answers requests counts into a shard of its own, so that the hot
         # path takes no lock (64 handler threads would queue on one); a scrape adds them up.
@@ -185,6 +187,16 @@ class Metrics:
             labels = _labels(model=model, version=version, event=event)
             lines.append(f"tiffin_model_events_total{{{labels}}} {n}")
         _render_drift(lines, stats)
+        _header(
+            lines,
+            "tiffin_shadow_comparisons_total",
+            "counter",
+            "Mirrored requests a shadow version answered, compared with the client's answer.",
+        )
+        for key, counts in sorted(self._shadows(), key=lambda s: (s[0].name, s[0].version)):
+            for outcome, n in sorted(counts.items()):
+                labels = _labels(model=key.name, version=str(key.version), outcome=outcome)
+                lines.append(f"tiffin_shadow_comparisons_total{{{labels}}} {n}")
         _render_workers(lines, stats)
         _render_process(lines, sample(os.getpid()))
         self._render_gpus(lines)
