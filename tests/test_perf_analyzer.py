@@ -69,7 +69,7 @@ def run_perf_analyzer(
         "-u",
         url,
         "--measurement-interval",
-        "1000",
+        "500",
         "--concurrency-range",
         "2",
         "--stability-percentage",

@@ -751,9 +751,11 @@ def test_load_and_unload_over_rest(make_server, example_repo_copy):
         c.load_model("add_sub")
         assert c.is_model_ready("add_sub")
         expect_client_error(lambda: c.load_model("not_there"), 400, "not_there")
-        expect_client_error(
-            lambda: c.load_model("add_sub", config='{"max_batch_size": 2}'), 501, "override"
-        )
+        # Triton's config override: loaded with it, on the repository's files.
+        c.load_model("add_sub", config='{"max_batch_size": 2}')
+        assert c.get_model_config("add_sub")["max_batch_size"] == 2
+        c.load_model("add_sub")  # a plain reload goes back to config.yaml
+        assert c.get_model_config("add_sub")["max_batch_size"] != 2
     finally:
         c.close()
 
