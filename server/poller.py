@@ -31,10 +31,13 @@ Fingerprint = tuple[tuple[str, int, int], ...]
 
 
 def fingerprint(folder: Path) -> Fingerprint:
-    """(relative path, size, mtime) of the folder's files, sorted; links followed to files."""
+    """(relative path, size, mtime) of the folder's files (and its folders, by name), sorted;
+    links followed to files."""
     seen: list[tuple[str, int, int]] = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
+        # Folders count by name: an empty version folder added or removed is a change.
+        seen += [(os.path.relpath(os.path.join(root, d), folder) + "/", 0, 0) for d in dirs]
         for name in sorted(files):
             path = os.path.join(root, name)
             try:

@@ -88,3 +88,40 @@ def test_poll_mode_follows_the_repository(make_server, tmp_path: Path) -> None:
     assert "model 'second' added in the repository: loaded" in log
     assert "model 'echo' changed in the repository: loaded" in log
     assert "model 'second' removed in the repository: unloaded" in log
+
+
+def test_a_version_folder_removed_under_load_drains(make_server, tmp_path: Path) -> None:
+    """Two versions (latest policy: 2 serves); folder 2 removed while 16 clients call: version
+    1 is loaded again and takes over, version 2's traffic drains, no request fails."""
+    repo = write_repository(tmp_path / "repo", {"echo": ECHO})
+    (repo / "echo" / "2").mkdir()
+    server = make_server(repo, "--repository-poll-secs", "0.3", env=POLL)
+    served: dict[str, int] = {}
+    failures: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def keep_calling() -> None:
+        caller = grpcclient.InferenceServerClient(server.url)
+        while not stop.is_set():
+            try:
+                version = caller.infer("echo", one_input()).get_response().model_version
+                with lock:
+                    served[version] = served.get(version, 0) + 1
+            except InferenceServerException as exc:
+                failures.append(exc.message())
+
+    threads = [threading.Thread(target=keep_calling) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        shutil.rmtree(repo / "echo" / "2")
+        eventually(lambda: served.get("1", 0) > 50, "version 1 serving again")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert not failures, failures[:3]
+    assert served.get("2", 0) > 50, served
+    assert "model 'echo' changed in the repository: loaded" in server.log()
