@@ -285,6 +285,32 @@ class DataPlane:
     def rollout_history(self, context: RequestContext) -> list[HistoryEntry]:
         return self.chain.run(context, lambda: self._rollouts_or_refuse().history())
 
+    def traffic_state(self, context: RequestContext) -> list[dict[str, Any]]:
+        """Every traffic split as it stands: live weights, rolled-back versions, the shadow
+        candidate and its comparisons."""
+
+        def state() -> list[dict[str, Any]]:
+            splits = []
+            for model in self._registry.models():
+                router = self._registry.router(model.name)
+                if router is None:
+                    continue
+                shadow = router.traffic.shadow
+                splits.append(
+                    {
+                        "model": model.name,
+                        "weights": {str(v): w for v, w in sorted(router.weights.items())},
+                        "rolled_back": {str(v): r for v, r in router.rolled_back.items()},
+                        "shadow": {"version": shadow.version, "share": shadow.share}
+                        if shadow
+                        else None,
+                        "shadow_comparisons": dict(router.shadowed) if shadow else {},
+                    }
+                )
+            return splits
+
+        return self.chain.run(context, state)
+
     def _rollouts_or_refuse(self) -> Rollouts:
         self._state.check_accepting()
         if self.rollouts is None:

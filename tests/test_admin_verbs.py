@@ -74,6 +74,10 @@ def test_admin_verbs_over_tls_with_tokens(make_server, tmp_path: Path) -> None:
     split = serverctl("traffic", "echo", "1=0", "2=100", *remote, token="ops", folder=tmp_path)
     assert split.returncode == 0, split.stderr
     assert "traffic for 'echo': 1=0, 2=100" in split.stdout
+    listed = serverctl("models", *remote, "--json", token="reader", folder=tmp_path)
+    rows = {(r["model"], r["version"]): r for r in json.loads(listed.stdout)}
+    assert rows[("echo", "1")]["traffic"] == "0" and rows[("echo", "2")]["traffic"] == "100"
+    assert rows[("other", "1")]["traffic"] == "" and rows[("other", "1")]["instances"]
 
     import numpy as np
     import tritonclient.grpc as grpcclient

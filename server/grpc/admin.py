@@ -6,9 +6,11 @@ bytes), so that any gRPC client can call them without generated code:
   Rollout          {"ref": "v2"}  ->  the history entry of the rollout
   Rollback         {}             ->  the history entry of the rollback
   RolloutHistory   {}             ->  {"history": [entries, oldest first]}
+  Traffic          {}             ->  {"traffic": [each split: weights, rolled_back, shadow]}
 
 They run through the data plane's interceptor chain like every other call (rollout and
-rollback need the `admin` role, the history `read`), and fail with the same statuses.
+rollback need the `admin` role, the history and traffic `read`), and fail with the same
+statuses.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def admin_handler(plane: DataPlane, mutual: bool) -> grpc.GenericRpcHandler:
     def history(call: Any, document: dict[str, Any]) -> Any:
         return {"history": [asdict(e) for e in plane.rollout_history(call)]}
 
+    def traffic(call: Any, document: dict[str, Any]) -> Any:
+        return {"traffic": plane.traffic_state(call)}
+
     def unary(operation: str, behaviour: Callable[[Any, dict[str, Any]], Any]) -> Any:
         def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
             call = _call_context(context, operation, mutual)
@@ -82,5 +87,6 @@ def admin_handler(plane: DataPlane, mutual: bool) -> grpc.GenericRpcHandler:
             "Rollout": unary("rollout", rollout),
             "Rollback": unary("rollback", rollback),
             "RolloutHistory": unary("rollout_history", history),
+            "Traffic": unary("traffic_state", traffic),
         },
     )

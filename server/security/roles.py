@@ -4,8 +4,8 @@
 |---------|--------------------------------------------------------------------------------|
 | (none)  | server live and ready (probes), and the gRPC health service                    |
 | `infer` | inference, and the metadata, config and readiness of the models it may infer   |
-| `read`  | metadata, config, readiness, statistics of every model, the repository index and |
-|         | the rollout history                                                             |
+| `read`  | metadata, config, readiness, statistics of every model, the repository index,   |
+|         | the rollout history and the traffic splits                                      |
 | `admin` | load, unload, rollout, rollback: whatever changes what the server serves      |
 
 Roles do not include one another: an operator who loads models and watches them holds
@@ -27,7 +27,13 @@ OPEN = frozenset({"live", "ready"})
 INFER = frozenset({"infer", "stream_infer"})
 # What a client needs to call a model it may infer (tritonclient and perf_analyzer ask).
 ABOUT_A_MODEL = frozenset({"model_ready", "model_metadata", "model_config"})
-READ = ABOUT_A_MODEL | {"server_metadata", "statistics", "repository_index", "rollout_history"}
+READ = ABOUT_A_MODEL | {
+    "server_metadata",
+    "statistics",
+    "repository_index",
+    "rollout_history",
+    "traffic_state",
+}
 CHANGE = frozenset({"load", "unload", "rollout", "rollback"})
 
 
