@@ -50,6 +50,12 @@ class ServerSettings(BaseModel):
         description="Most HTTP requests read or answered at once; beyond it requests get 429 "
         "at once (health probes are always answered).",
     )
+    http_max_connections: int = Field(
+        1000,
+        ge=1,
+        description="Most HTTP connections open at once; beyond it a new connection is "
+        "answered 503 and closed (idle and slow clients cannot hold every socket).",
+    )
     http_max_input_size: int = Field(
         64 << 20,
         ge=1024,

@@ -770,3 +770,31 @@ def test_a_stream_that_ends_gives_back_its_slots(make_server, repo: Path) -> Non
             time.sleep(0.2)
     else:
         raise AssertionError("the abandoned stream's slots never came back")
+
+
+def test_http_connections_are_capped(make_server, repo: Path) -> None:
+    """Idle connections cannot hold every socket: beyond --http-max-connections a new one is
+    answered 503 and closed; once some close, requests are served again."""
+    server = make_server(repo, "--http-max-connections", "4", env=DEFAULT_MODE)
+    host, port = server.http_url.rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(4)]
+    try:
+        time.sleep(0.3)  # the server has taken them
+        with socket.create_connection((host, int(port)), timeout=5) as extra:
+            extra.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while chunk := extra.recv(4096):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 503") and b"--http-max-connections" in reply
+    finally:
+        for connection in idle[:2]:
+            connection.close()
+    time.sleep(0.3)
+    status, _, _ = rest_request(server.http_url, "GET", "/v2/health/live", {})
+    assert status == 200
+    for connection in idle[2:]:
+        connection.close()
+    import urllib.request
+
+    scrape = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    assert 'tiffin_requests_refused_total{protocol="rest",reason="connections"} 1' in scrape

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 # before any handler runs (400): what a client can make the server hold before its body.
 MAX_HEADERS = 128
 MAX_LINE_BYTES = 8190
+# A connection refused beyond --http-max-connections is closed this long after its answer.
+_REFUSED_LINGER_SECONDS = 1.0
 # A TLS client that has not finished its handshake by then is disconnected.
 _HANDSHAKE_SECONDS = 10.0
 # After the grace period, connections still busy get this long to close.
@@ -66,6 +68,33 @@ class _ClientErrors(logging.LoggerAdapter):
         self.debug(msg, *args, exc_info=exc_info, **kw)
 
 
+class _Refuse(asyncio.Protocol):
+    """A connection beyond the limit: told why, then closed, without reading it."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        body = (
+            f'{{"error":"the server has {self._limit} HTTP connections open, its most '
+            '(--http-max-connections); retry after a moment"}'
+        ).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(head + body)
+        # Closing with the client's request unread would reset the connection before the
+        # client reads the answer: end our side, discard what comes, close in a second.
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(_REFUSED_LINGER_SECONDS, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # a refused connection's request is not read
+
+
 class RestFrontDoor:
     """An HTTP server for the data plane on its own thread and loop, bound by `start()`,
     stopped by `stop()`."""
@@ -79,6 +108,8 @@ class RestFrontDoor:
         security: Security,
     ) -> None:
         self._ssl = security.https_context()
+        self._plane = plane
+        self._max_connections = settings.http_max_connections
         self._service = RestService(
             plane,
             registry,
@@ -116,13 +147,22 @@ class RestFrontDoor:
             max_field_size=MAX_LINE_BYTES,
         )
         self._listener = await self._loop.create_server(
-            self._server,
+            self._connection,
             host,
             port,
             ssl=self._ssl,
             ssl_handshake_timeout=_HANDSHAKE_SECONDS if self._ssl else None,
         )
         return int(self._listener.sockets[0].getsockname()[1])
+
+    def _connection(self) -> asyncio.BaseProtocol:
+        """A new connection's protocol: aiohttp's, or, beyond --http-max-connections, one that
+        answers 503 and closes (each open connection holds a socket and buffers)."""
+        assert self._server is not None
+        if len(self._server.connections) >= self._max_connections:
+            self._plane.refused("rest", "connections")
+            return _Refuse(self._max_connections)
+        return self._server()
 
     def models_changed(self) -> None:
         """Request size limits follow the models that serve."""
