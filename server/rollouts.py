@@ -36,8 +36,9 @@ from typing import Any
 
 from tiffin.protos.errors import InvalidInput, TiffinError
 
+from .commands.validate import IMPORT_TIMEOUT, check_repository
 from .registry import ModelRegistry, SwitchFailed
-from .repository import read_repository
+from .repository import ModelSpec, read_repository
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +181,14 @@ class Rollouts:
             step = "checkout"
             folder = self._export(commit)
             step = "validate"
-            problems = self._problems(folder)
+            specs = read_repository(folder, self.allowed)
+            problems = self._problems(specs)
             if problems:
                 raise RuntimeError("; ".join(problems[:5]))
             step = "load"
             assert self.registry is not None and self.run_on_loop is not None
             changed, removed = self._difference(self.serving.commit if self.serving else "", commit)
-            specs = [s for s in read_repository(folder, self.allowed) if s.name in changed]
+            specs = [s for s in specs if s.name in changed]
             self.run_on_loop(self.registry.switch(folder, specs, removed))
         except (RuntimeError, SwitchFailed, OSError) as exc:
             entry = self._record(ref, commit, who, "failed", step, str(exc), action)
@@ -241,17 +243,16 @@ class Rollouts:
                 continue  # a line cut short by a crash
         return entries
 
-    def _problems(self, folder: Path) -> list[str]:
-        problems = []
-        for spec in read_repository(folder, self.allowed):
-            if spec.error:
-                problems.append(f"{spec.name}: {spec.error.splitlines()[0]}")
-            problems += [
-                f"{spec.name} version {v.version}: {v.error.splitlines()[0]}"
-                for v in spec.versions
-                if v.error
-            ]
-        return problems
+    @staticmethod
+    def _problems(specs: list[ModelSpec]) -> list[str]:
+        """What `serverctl validate` would report as broken, or as unable to load here
+        (python models' imports in a process of their own, pipelines' steps)."""
+        verdicts = check_repository(specs, IMPORT_TIMEOUT)
+        return [
+            f"{name}: {problem.splitlines()[0]}"
+            for name, verdict in sorted(verdicts.items())
+            for problem in verdict.problems + verdict.environment
+        ]
 
     def _record(
         self,
