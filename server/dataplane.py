@@ -353,7 +353,7 @@ class DataPlane:
             key = ModelKey(request.model_name, spec.version)
             decoded = validate(request, key, config, context, self._max_elements)
             done = on_done
-            if router is not None and not request.model_version:
+            if router is not None and router.traffic.shadow and not request.model_version:
                 ready = self._registry.state(request.model_name).ready_versions()
                 shadow = router.shadow_for(spec.version, ready)
                 if shadow is not None:

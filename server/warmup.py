@@ -11,6 +11,7 @@ chosen on the first shapes seen, CUDA contexts); here warm-up pays it, not a cli
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from tiffin.protos.datatypes import DATATYPES
 from tiffin.protos.model_config import ModelConfig, TensorConfig, WarmupInput, WarmupSample
 from tiffin.protos.tensors import from_raw
 from tiffin.scheduler import Executor, InferenceRequest, ModelKey
+from tiffin.scheduler.context import Timeline
 
 WARMUP_SECONDS = 300.0  # for one sample's every send; a slow first load of a GPU kernel fits
 MAX_WARMUP_FILE_BYTES = 1 << 30
@@ -127,12 +129,4 @@ async def warm_up(
 
 def _fresh(request: InferenceRequest) -> InferenceRequest:
     """A copy with a timeline of its own: each send is a request."""
-    return InferenceRequest(
-        model=request.model,
-        inputs=request.inputs,
-        outputs=request.outputs,
-        id=request.id,
-        batch_size=request.batch_size,
-        config=request.config,
-        pinned=True,
-    )
+    return replace(request, timeline=Timeline())

@@ -59,7 +59,6 @@ class Authorizer:
     def __init__(self, authenticating: bool, control_mode: str, on_denied: Callable[..., None]):
         self._authenticating = authenticating
         self._mode = control_mode
-        self._explicit = control_mode == "explicit"
         self._on_denied = on_denied  # the audit log's record of a refusal
 
     def __call__(self, context: RequestContext, proceed: Callable[[], T]) -> T:
@@ -98,7 +97,7 @@ class Authorizer:
                     f"{context.operation} needs the 'admin' role, which '{context.principal}' "
                     "lacks",
                 )
-        elif not self._explicit:
+        elif self._mode != "explicit":
             self._on_denied(context, f"model control mode '{self._mode}'")
             raise NotEnabled(
                 f"{context.operation} is off: the server runs in model control mode "
