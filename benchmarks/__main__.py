@@ -16,6 +16,7 @@ VERBS = {
     "load": "load",
     "overload": "overload",
     "swap": "swap",
+    "peers-setup": "peers.venv",
 }
 
 

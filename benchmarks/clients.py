@@ -8,6 +8,9 @@
   rest          HTTP/REST (the server's --http-port) with aiohttp: the same request as `lean`,
                 as a JSON header plus binary tensor (Triton's binary extension), built once;
                 unary only (REST has no streams).
+  raw_http      the FastAPI peer's protocol (benchmarks/peers): the item's raw FP32 bytes
+                POSTed to /<model> with aiohttp, the body built once; the answer is the
+                output's raw bytes. Unary only.
 
 A client makes `unary()` calls and opens `Stream`s (ModelStreamInfer); failures raise
 `RequestFailed` carrying a status-code name, which the load generator counts.
@@ -25,8 +28,8 @@ from tiffin.protos import MESSAGE_SIZE_OPTIONS
 
 from .models import INPUT, OUTPUT, ModelSpec
 
-CLIENTS = ("lean", "tritonclient", "rest")
-UNARY_ONLY = ("rest",)
+CLIENTS = ("lean", "tritonclient", "rest", "raw_http")
+UNARY_ONLY = ("rest", "raw_http")
 CHANNEL_OPTIONS = MESSAGE_SIZE_OPTIONS
 IN_BAND = "STREAM_ERROR"  # a stream response carrying error_message (no status code)
 INVALID = "INVALID_RESPONSE"
@@ -301,6 +304,26 @@ class RestClient(Client):
             await self._session.close()
 
 
+class RawHttpClient(RestClient):
+    """The raw body of one item, posted to the FastAPI peer's `/<model>`; the answer is the
+    output's raw bytes, checked for size once."""
+
+    def __init__(self, url: str, model: ModelSpec) -> None:
+        super().__init__(url, model)
+        self._body = model.sample(1).tobytes()
+        self._headers = {"Content-Type": "application/octet-stream"}
+        self._url = f"http://{url}/{model.name}"
+
+    def check(self, body: bytes, headers: Any) -> None:
+        want = 4 * int(np.prod(self._model.output_dims))
+        if len(body) != want:
+            raise RequestFailed(INVALID, f"expected {want} bytes, got {body[:200]!r}")
+        self._checked = True
+
+    async def open_stream(self) -> Stream:
+        raise ValueError("the raw HTTP peer has no streams: use --mode unary")
+
+
 def make_client(kind: str, url: str, model: ModelSpec) -> Client:
     if kind == "lean":
         return LeanClient(url, model)
@@ -308,4 +331,6 @@ def make_client(kind: str, url: str, model: ModelSpec) -> Client:
         return TritonClient(url, model)
     if kind == "rest":
         return RestClient(url, model)
+    if kind == "raw_http":
+        return RawHttpClient(url, model)
     raise ValueError(f"unknown client '{kind}'; known: {', '.join(CLIENTS)}")

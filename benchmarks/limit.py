@@ -36,7 +36,8 @@ def load_backend(repository: Path, name: str) -> Any:
     # Only what the backend reads: the instance kind (cpu/inline) is the server's business.
     config = ModelConfig(
         name=name,
-        backend=written["backend"],
+        # A user's config may leave the backend to be told from model.onnx.
+        backend=written.get("backend") or "onnxruntime",
         max_batch_size=written["max_batch_size"],
         parameters=written.get("parameters", {}),
     )

@@ -168,10 +168,22 @@ class RepositoryOptions:
     max_queue_delay_us: int = 0
     max_batch_size: int = 64
     thread_parameters: bool = True  # False: no intra_op_thread_count, the backend's default
+    # True: exactly the config a user writes first (max_batch_size + dynamic_batching: {}),
+    # everything else inferred or defaulted by the server; the fields above are then unused.
+    user_config: bool = False
+
+
+# What `run --side-by-side` serves as `tiffin` (the config a user writes) and as
+# `tiffin-tuned` (the hand-tuned one: the model runs in the server process, one thread).
+USER_CONFIG = RepositoryOptions(user_config=True)
+TUNED_CONFIG = RepositoryOptions(instance_kind="inline")
 
 
 def config_yaml(options: RepositoryOptions) -> str:
     """A model's config.yaml; the model file supplies inputs and outputs."""
+    if options.user_config:
+        # The backend is told from model.onnx; the batcher's delay and the threads default.
+        return f"max_batch_size: {options.max_batch_size}\ndynamic_batching: {{}}\n"
     if options.instance_kind not in INSTANCE_KINDS:
         raise ValueError(
             f"instance kind must be one of {', '.join(INSTANCE_KINDS)}, "

@@ -7,12 +7,19 @@
      stops it with SIGTERM; target `tiffin-nohttp` does the same with REST switched off
      (--no-allow-http), to show what serving REST beside gRPC costs the gRPC path, and
      `tiffin-nometrics` with metrics off (--no-allow-metrics), to show what metrics cost;
-  3. measures the in-process limit on the same cpus;
-  4. starts each echo server on the same cpus and drives it with the same load;
-  5. writes run.json, results.md and results.png into --out, and prints the table.
+     `tiffin-tuned` serves the hand-tuned config (kind: inline, intra_op_thread_count: 1);
+  3. starts each peer (benchmarks/peers: FastAPI, MLServer) on the same cpus, serving the same
+     ONNX files, and drives it with the same closed-loop points (unary, its own client);
+  4. measures the in-process limit on the same cpus;
+  5. starts each echo server on the same cpus and drives it with the same load;
+  6. writes run.json, results.md and results.png into --out, and prints the table.
 
 Loads run as `python -m benchmarks load` subprocesses pinned to the client cpus, so that each
 starts clean and a crash costs one point, not the run.
+
+`--side-by-side` measures Tiffin as a user first configures it (`max_batch_size: 64` and
+`dynamic_batching: {}`, nothing else), Tiffin hand-tuned, the peers, the echo servers and the
+limit in one run, and reports them in one table (report.py).
 """
 
 from __future__ import annotations
@@ -32,13 +39,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import environment, perf_analyzer, report, servers
+from . import environment, peers, perf_analyzer, report, servers
 from .clients import CLIENTS, UNARY_ONLY
 from .limit import parse_cpus
 from .load import DEFAULT_STREAMS, MODES, format_result
 from .models import (
     DEFAULT_REPOSITORY,
+    TUNED_CONFIG,
+    USER_CONFIG,
+    RepositoryOptions,
     add_repository_arguments,
+    config_yaml,
     parse_names,
     repository_options,
     write_repository,
@@ -47,8 +58,20 @@ from .models import spec as model_spec
 
 HELP = "Run Tiffin, the echo ceilings and the in-process limit, pinned; write JSON, table, plot."
 
-TARGETS = ("tiffin", "tiffin-nohttp", "tiffin-nometrics", "echo-sync", "echo-aio")
+TARGETS = (
+    "tiffin",
+    "tiffin-tuned",
+    "tiffin-nohttp",
+    "tiffin-nometrics",
+    *peers.PEERS,
+    "echo-sync",
+    "echo-aio",
+)
 DEFAULT_TARGETS = ("tiffin", "echo-sync", "echo-aio")
+# Tiffin targets whose HTTP port is open, so that the `rest` client can drive them.
+REST_TARGETS = ("tiffin", "tiffin-tuned")
+# v2 gRPC clients, which a v2 peer (MLServer) takes as well as Tiffin.
+V2_CLIENTS = ("lean", "tritonclient")
 ALL_CLIENTS = (*CLIENTS, "perf_analyzer")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -69,7 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated benchmark models")
     parser.add_argument("--concurrency", default="1,8,32,64", help="closed-loop client counts")
     parser.add_argument("--rates", default="", help="open-loop arrival rates per second, if any")
-    parser.add_argument("--modes", default="unary,streaming", help="unary and/or streaming")
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help="unary and/or streaming (default both; unary only with --side-by-side)",
+    )
     parser.add_argument(
         "--clients", default="lean,perf_analyzer", help=f"any of {', '.join(ALL_CLIENTS)}"
     )
@@ -77,7 +104,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--targets",
         default=",".join(DEFAULT_TARGETS),
         help=f"servers to measure, any of {', '.join(TARGETS)} (tiffin-nohttp: REST off; "
-        "tiffin-nometrics: metrics off)",
+        "tiffin-nometrics: metrics off; tiffin-tuned: kind inline and one intra-op thread; "
+        f"{', '.join(peers.PEERS)}: the peers)",
+    )
+    parser.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="Tiffin with the config a user writes, tiffin-tuned, the peers (--peers), the "
+        "echo servers and the limit in one run, reported in one table",
+    )
+    parser.add_argument(
+        "--peers",
+        default=",".join(peers.PEERS),
+        help="the peers --side-by-side runs (set them up with `python -m benchmarks peers-setup`)",
+    )
+    parser.add_argument(
+        "--user-config",
+        action="store_true",
+        help="target tiffin serves exactly `max_batch_size: 64` and `dynamic_batching: {}` "
+        "(the default with --side-by-side), not the config.yaml flags",
     )
     parser.add_argument("--server-cpus", default="1", help="taskset list for the servers")
     parser.add_argument("--client-cpus", default="0", help="taskset list for the load")
@@ -117,34 +162,64 @@ class Plan:
     client_cpus: str
     procs: int
     args: argparse.Namespace
+    user_config: bool = False  # target tiffin serves USER_CONFIG
     notes: list[str] = field(default_factory=list)
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace) -> Plan:
         client_cpus = parse_cpus(args.client_cpus)
         parse_cpus(args.server_cpus)
+        side_by_side = getattr(args, "side_by_side", False)
+        if side_by_side:
+            chosen = _choices(args.peers, peers.PEERS, "peers")
+            targets = ["tiffin", "tiffin-tuned", *chosen, "echo-sync", "echo-aio"]
+        else:
+            targets = _choices(args.targets, TARGETS, "targets")
+        modes = args.modes or ("unary" if side_by_side else "unary,streaming")
         return cls(
             models=parse_names(args.models),
             concurrency=[int(c) for c in _list(args.concurrency)],
             rates=[float(r) for r in _list(args.rates)],
-            modes=_choices(args.modes, MODES, "modes"),
+            modes=_choices(modes, MODES, "modes"),
             clients=_choices(args.clients, ALL_CLIENTS, "clients"),
-            targets=_choices(args.targets, TARGETS, "targets"),
+            targets=targets,
             server_cpus=args.server_cpus,
             client_cpus=args.client_cpus,
             procs=args.procs or len(client_cpus),
             args=args,
+            user_config=side_by_side or getattr(args, "user_config", False),
         )
+
+    def repository_options(self) -> RepositoryOptions:
+        """What target `tiffin` serves: the config a user writes, or the flags'."""
+        return USER_CONFIG if self.user_config else repository_options(self.args)
 
     def python_clients(self) -> list[str]:
         return [c for c in self.clients if c in CLIENTS]
 
+    def peer_clients(self, peer: str) -> list[str]:
+        """The clients that drive a peer: its own protocol's (FastAPI's raw body), or the v2
+        gRPC clients of this run (the lean one at least)."""
+        own = peers.PEER_CLIENTS[peer]
+        if own not in V2_CLIENTS:
+            return [own]
+        return [c for c in self.python_clients() if c in V2_CLIENTS] or [own]
+
     def loads(self, target: str) -> Iterator[dict]:
-        """Every load point for one server: closed loop, then open loop (Tiffin only)."""
+        """Every load point for one server: closed loop, then open loop (Tiffin only).
+        Peers get the closed-loop points, unary (the side-by-side table's mode)."""
+        if target in peers.PEERS:
+            for model in self.models:
+                for client in self.peer_clients(target):
+                    for c in self.concurrency:
+                        yield {"model": model, "mode": "unary", "client": client, "concurrency": c}
+            return
         for model in self.models:
             for mode in self.modes:
                 for client in self.python_clients():
-                    if client in UNARY_ONLY and (mode != "unary" or target != "tiffin"):
+                    if client == "raw_http":
+                        continue  # the FastAPI peer's protocol; no other server speaks it
+                    if client in UNARY_ONLY and (mode != "unary" or target not in REST_TARGETS):
                         continue  # REST: unary, and only where the HTTP port is open
                     for c in self.concurrency:
                         yield {"model": model, "mode": mode, "client": client, "concurrency": c}
@@ -153,6 +228,8 @@ class Plan:
                             yield {"model": model, "mode": mode, "client": client, "rate": rate}
 
     def pa_points(self, target: str) -> Iterator[dict]:
+        if target in peers.PEERS:
+            return  # perf_analyzer asks for Triton's ModelConfig, which the peers lack
         modes = [m for m in perf_analyzer.PA_MODES if m != "streaming" or "streaming" in self.modes]
         modes = [m for m in modes if m == "streaming" or "unary" in self.modes]
         for model in self.models:
@@ -372,6 +449,10 @@ def _serving(
     """Starts a server; yields None (and notes why) if it does not start; stops it after."""
     try:
         server = start()
+    except peers.PeerUnavailable as exc:
+        notes.append(str(exc))
+        yield None
+        return
     except (RuntimeError, TimeoutError) as exc:
         notes.append(f"{name} did not start: {str(exc)[:600]}")
         yield None
@@ -454,7 +535,36 @@ def main(args: argparse.Namespace) -> int:
             plan.notes.append(f"perf_analyzer skipped: {why}")
         else:
             run["environment"]["perf_analyzer"] = pa.version
-    repository = write_repository(args.model_repository, plan.models, repository_options(args))
+            if any(t in peers.PEERS for t in plan.targets):
+                plan.notes.append(
+                    "perf_analyzer not run against the peers: it asks for Triton's "
+                    "ModelConfig, which they do not serve"
+                )
+    repository = write_repository(args.model_repository, plan.models, plan.repository_options())
+    repositories = {t: repository for t in plan.targets if t.startswith("tiffin")}
+    # The limit runs the model as the hand-tuned config does (one intra-op thread); a user's
+    # config names no threads, so under --user-config it comes from the tuned repository.
+    limit_repository = repository
+    if "tiffin-tuned" in plan.targets or plan.user_config:
+        tuned = write_repository(Path(f"{args.model_repository}-tuned"), plan.models, TUNED_CONFIG)
+        repositories["tiffin-tuned"] = tuned
+        if plan.user_config:
+            limit_repository = tuned
+    for target in [t for t in plan.targets if t in peers.PEERS]:
+        try:
+            peers.peer_python(target)
+        except peers.PeerUnavailable as exc:  # noted, and the run goes on without it
+            plan.notes.append(str(exc))
+            plan.targets.remove(target)
+    run["settings"]["side_by_side"] = bool(getattr(args, "side_by_side", False))
+    run["settings"]["tiffin_config"] = "user" if plan.user_config else "flags"
+    run["settings"]["config_yaml"] = {
+        t: config_yaml(TUNED_CONFIG if t == "tiffin-tuned" else plan.repository_options())
+        for t in repositories
+    }
+    run["settings"]["peers"] = {
+        t: peers.PEER_DESCRIPTIONS[t] for t in plan.targets if t in peers.PEERS
+    }
     journal = Journal(run, out)
     limits: dict = {}
     stops: dict[str, int] = {}
@@ -464,12 +574,12 @@ def main(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
     try:
         with display:
-            if pa is None and "perf_analyzer" in plan.clients:
-                display.note(plan.notes[-1])
+            for note in plan.notes:  # what will not be measured, before the points
+                display.note(note)
             for target in (t for t in plan.targets if t.startswith("tiffin")):
                 start = functools.partial(
                     servers.start_tiffin,
-                    repository,
+                    repositories[target],
                     plan.server_cpus,
                     out / ("server.log" if target == "tiffin" else f"{target}.log"),
                     plan.models,
@@ -481,8 +591,21 @@ def main(args: argparse.Namespace) -> int:
                 with _serving(start, target, plan.notes, stops) as server:
                     if server is not None:
                         _measure_server(plan, target, server, pa, display, journal)
+            for target in (t for t in plan.targets if t in peers.PEERS):
+                start = functools.partial(
+                    peers.start_peer,
+                    target,
+                    repository,
+                    plan.models,
+                    plan.server_cpus,
+                    out / f"{target}.log",
+                )
+                display.start(f"starting peer {target}")
+                with _serving(start, target, plan.notes, stops) as server:
+                    if server is not None:
+                        _measure_server(plan, target, server, pa, display, journal)
             display.start("in-process limit")
-            limits = run["limit"] = _measure_limit(plan, repository)
+            limits = run["limit"] = _measure_limit(plan, limit_repository)
             display.finish(
                 "limit: "
                 + ", ".join(

@@ -58,7 +58,12 @@ class ServerProcess:
     """A server subprocess with a log file; `url` is host:port for clients."""
 
     def __init__(
-        self, command: list[str], log_path: Path, url: str = "", pipe_stdout: bool = False
+        self,
+        command: list[str],
+        log_path: Path,
+        url: str = "",
+        pipe_stdout: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.command = command
         self.log_path = log_path
@@ -70,6 +75,7 @@ class ServerProcess:
             stdout=subprocess.PIPE if pipe_stdout else self._log,
             stderr=self._log,
             cwd=REPO_ROOT,
+            env=env,
         )
 
     def log_tail(self, lines: int = 30) -> str:
