@@ -69,7 +69,8 @@ def compare(a: dict, b: dict) -> str:
         before = a_derived.get(_dkey(d), {}).get("ratio_ideal")
         if before is not None and d.get("ratio_ideal") is not None:
             lines.append(
-                f"- ÷ ideal, {d['model']} {d['mode']} {d['client']} c={d['concurrency']}: "
+                f"- ÷ ideal, {d.get('target', 'tiffin')} {d['model']} {d['mode']} {d['client']} "
+                f"c={d['concurrency']}: "
                 f"{before:.2f} -> {d['ratio_ideal']:.2f}"
             )
     only_a = [_label(k) for k in a_points if k not in b_points]
@@ -82,7 +83,7 @@ def compare(a: dict, b: dict) -> str:
 
 
 def _dkey(d: dict) -> tuple[Any, ...]:
-    return (d["model"], d["mode"], d["client"], d["concurrency"])
+    return (d.get("target", "tiffin"), d["model"], d["mode"], d["client"], d["concurrency"])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

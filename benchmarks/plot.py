@@ -16,6 +16,9 @@ STYLES = {
     "echo-sync": ":",
     "echo-aio": "--",
 }
+# Servers other than Tiffin's default and the echo servers: a colour of their own, whatever
+# the client, so that they stand apart from Tiffin's lines.
+TARGET_COLOURS = {"tiffin-tuned": "navy", "fastapi": "tab:brown", "mlserver": "tab:pink"}
 COLOURS = {  # (mode, client) -> colour, so that a server's line matches its echo's
     ("unary", "lean"): "tab:blue",
     ("streaming", "lean"): "tab:orange",
@@ -57,7 +60,7 @@ def plot(run: dict, path: Path) -> None:
                 xs,
                 ys,
                 STYLES.get(target, "-"),
-                color=COLOURS.get((mode, client), "tab:gray"),
+                color=TARGET_COLOURS.get(target) or COLOURS.get((mode, client), "tab:gray"),
                 marker="o",
                 markersize=3,
                 label=f"{target} {mode} {client}",

@@ -4,6 +4,11 @@ Every Tiffin figure stands beside the limit (best in-process items/s of the mode
 *ideal*, 1 / (1/limit + 1/echo), where echo is the better of the two echo servers measured with
 the same client, mode and concurrency: a server that added nothing to the model's compute and
 the minimal transport would reach it.
+
+A run with peers or `tiffin-tuned` (`run --side-by-side`) also gets the side-by-side table:
+one row per server, one column per model and concurrency (unary), Tiffin's ratios to the limit
+and to ideal under its figures, and whether Tiffin is ahead of every peer at every point and
+within 5% of the hand-tuned config.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Any
 # BENCHMARKS.md's bar for Tiffin, with the server on one core.
 BAR_RATIO_IDEAL = 0.9  # at the highest concurrency, unary and streaming
 BAR_P50_SLACK_MS = 0.3  # concurrency 1: p50 within this of batch-1 limit + echo p50
+# The issue's bar for the config a user writes: within this of the hand-tuned config.
+BAR_DEFAULT_VS_TUNED = 0.95
 
 
 def _finite(value: Any) -> Any:
@@ -32,9 +39,16 @@ def _finite(value: Any) -> Any:
 # Tiffin as measured: with REST beside gRPC (as served by default), and with REST off.
 TIFFIN_TARGETS = {
     "tiffin": "Tiffin",
+    "tiffin-tuned": "Tiffin, hand-tuned (kind: inline, intra_op_thread_count: 1)",
     "tiffin-nohttp": "Tiffin, REST off",
     "tiffin-nometrics": "Tiffin, metrics off",
 }
+# The side-by-side table's row names (BENCHMARKS.md's wording).
+USER_CONFIG_LABEL = "Tiffin, `max_batch_size: 64` + `dynamic_batching: {}` only"
+TUNED_LABEL = "Tiffin, + `intra_op_thread_count: 1` + `kind: inline`"
+# Which client's figure a side-by-side cell shows, first found first.
+CLIENT_PREFERENCE = ("lean", "raw_http", "tritonclient", "rest", "perf_analyzer")
+SIDE_BY_SIDE_SKIP = ("tiffin-nohttp", "tiffin-nometrics")
 
 # perf_analyzer's modes -> the lean client's, for an echo figure measured only by the latter.
 _LEAN_MODE = {"unary_async": "unary"}
@@ -88,6 +102,109 @@ def derive(limits: dict, results: list[dict]) -> list[dict]:
     return derived
 
 
+# ---- side by side -------------------------------------------------------------------------
+
+
+def _is_peer(target: str) -> bool:
+    return not target.startswith(("tiffin", "echo-"))
+
+
+def _pick(results: list[dict], target: str, model: str, concurrency: int) -> dict | None:
+    """The figure of one server at one point, from the preferred client."""
+    found = [
+        r
+        for r in results
+        if (r["target"], r["model"], r["concurrency"]) == (target, model, concurrency)
+        and r.get("throughput") is not None
+        and "error" not in r
+    ]
+    rank = {c: i for i, c in enumerate(CLIENT_PREFERENCE)}
+    return min(found, key=lambda r: rank.get(r["client"], len(rank)), default=None)
+
+
+def _row_label(run: dict, target: str) -> str:
+    settings = run.get("settings", {})
+    if target == "tiffin":
+        return USER_CONFIG_LABEL if settings.get("tiffin_config") == "user" else "Tiffin"
+    if target == "tiffin-tuned":
+        return TUNED_LABEL
+    return (settings.get("peers") or {}).get(target, target)
+
+
+def side_by_side(run: dict) -> dict | None:
+    """The side-by-side comparison (unary, closed loop), or None for a run without peers or
+    tiffin-tuned: rows of servers, columns of model x concurrency (highest first), Tiffin's
+    ratios, the reference figures, and the verdicts."""
+    results = [r for r in run.get("results", []) if "concurrency" in r and r["mode"] == "unary"]
+    targets = [
+        t
+        for t in dict.fromkeys(r["target"] for r in results)
+        if not t.startswith("echo-") and t not in SIDE_BY_SIDE_SKIP
+    ]
+    peers = [t for t in targets if _is_peer(t)]
+    if not peers and "tiffin-tuned" not in targets:
+        return None
+    models = list(
+        run.get("settings", {}).get("models") or dict.fromkeys(r["model"] for r in results)
+    )
+    concurrencies = sorted({r["concurrency"] for r in results}, reverse=True)
+    columns = [{"model": m, "concurrency": c} for c in concurrencies for m in models]
+    derived = run.get("derived", [])
+    rows = []
+    for target in targets:
+        cells = []
+        for col in columns:
+            r = _pick(results, target, col["model"], col["concurrency"])
+            cell: dict[str, Any] = {
+                "throughput": r["throughput"] if r else None,
+                "client": r["client"] if r else None,
+            }
+            d = next(
+                (d for d in derived if r and d.get("target") == target and _same_point(d, r)),
+                None,
+            )
+            if d is not None:
+                cell["ratio_limit"] = d["ratio_limit"]
+                cell["ratio_ideal"] = d["ratio_ideal"]
+            cells.append(cell)
+        rows.append({"target": target, "label": _row_label(run, target), "cells": cells})
+    references = []
+    for col in columns:
+        lean = {"model": col["model"], "mode": "unary", "client": "lean", **col}
+        echoes = [
+            r["throughput"]
+            for r in results
+            if r["target"].startswith("echo-") and r.get("throughput") and _same_point(r, lean)
+        ]
+        limit = (run.get("limit", {}).get(col["model"]) or {}).get("best_items_per_s")
+        echo = max(echoes, default=None)
+        ideal = 1 / (1 / limit + 1 / echo) if limit and echo else None
+        references.append({"limit": limit, "echo": echo, "ideal": ideal})
+    by_target = {row["target"]: row["cells"] for row in rows}
+    verdicts: dict[str, Any] = {}
+    for tiffin in (t for t in ("tiffin", "tiffin-tuned") if t in by_target and peers):
+        behind = []
+        for i, col in enumerate(columns):
+            own = by_target[tiffin][i]["throughput"]
+            for peer in peers:
+                other = by_target[peer][i]["throughput"]
+                if other is not None and (own is None or own <= other):
+                    behind.append({**col, "peer": peer, "tiffin": own, "peer_throughput": other})
+        verdicts[f"{tiffin}_ahead_of_peers"] = {"ahead": not behind, "behind": behind}
+    if "tiffin" in by_target and "tiffin-tuned" in by_target:
+        points = []
+        for i, col in enumerate(columns):
+            own, tuned = (
+                by_target["tiffin"][i]["throughput"],
+                by_target["tiffin-tuned"][i]["throughput"],
+            )
+            ratio = own / tuned if own is not None and tuned else None
+            points.append({**col, "ratio": ratio})
+        within = all(p["ratio"] is not None and p["ratio"] >= BAR_DEFAULT_VS_TUNED for p in points)
+        verdicts["default_vs_tuned"] = {"within": within, "points": points}
+    return {"columns": columns, "rows": rows, "references": references, "verdicts": verdicts}
+
+
 # ---- markdown ----------------------------------------------------------------------------
 
 
@@ -135,9 +252,14 @@ def _header(run: dict) -> list[str]:
         f" · load average (1, 5, 15 min) {before} before, {after} after{peak}",
         f"- each point: {settings['warmup_s']:g} s warm-up, {settings['duration_s']:g} s "
         f"measured, batch-1 requests; streaming carries the load on {settings['streams']} "
-        f"streams (perf_analyzer: one per concurrency slot); model instances: "
-        f"{settings['instance_kind']} × {settings['instance_count']}, max_queue_delay "
-        f"{settings['max_queue_delay_us']} µs",
+        f"streams (perf_analyzer: one per concurrency slot); "
+        + (
+            "Tiffin's config.yaml: `max_batch_size: 64` + `dynamic_batching: {}` only "
+            "(tiffin-tuned adds `kind: inline` and `intra_op_thread_count: 1`)"
+            if settings.get("tiffin_config") == "user"
+            else f"model instances: {settings['instance_kind']} × {settings['instance_count']}"
+            f", max_queue_delay {settings['max_queue_delay_us']} µs"
+        ),
         "- limit: best in-process items/s (Tiffin's onnxruntime backend, "
         + (
             "threads as the server chooses by default"
@@ -335,8 +457,97 @@ def _bar(run: dict) -> list[str]:
     return lines + [""]
 
 
+def _point(col: dict) -> str:
+    return f"{col['model']} c={col['concurrency']}"
+
+
+def _side_by_side_table(run: dict) -> list[str]:
+    table = run.get("side_by_side") or side_by_side(run)
+    if not table:
+        return []
+    columns, rows, references = table["columns"], table["rows"], table["references"]
+    clients = dict.fromkeys(
+        f"{row['label'].split(',')[0]} {c['client']}"
+        for row in rows
+        for c in row["cells"]
+        if c["client"]
+    )
+    lines = [
+        "## Side by side: unary, batch-1 requests, closed loop, req/s",
+        "",
+        f"Every server on cpu {run['pinning']['server_cpus']}, the load on cpu "
+        f"{run['pinning']['client_cpus']}, in this run; clients: {', '.join(clients)}. Under "
+        "each Tiffin row, its ratio to the in-process limit and to ideal.",
+        "",
+    ]
+    body = []
+    for row in rows:
+        body.append([row["label"]] + [_n(c["throughput"]) for c in row["cells"]])
+        if row["target"].startswith("tiffin"):
+            body.append(
+                ["↳ ÷ limit / ÷ ideal"]
+                + [
+                    f"{_n(c.get('ratio_limit'), 2)} / {_n(c.get('ratio_ideal'), 2)}"
+                    for c in row["cells"]
+                ]
+            )
+    body.append(["in-process limit (items/s)"] + [_n(r["limit"]) for r in references])
+    body.append(
+        ["echo, no model (better of sync and aio, lean)"] + [_n(r["echo"]) for r in references]
+    )
+    body.append(["ideal = 1 / (1/limit + 1/echo)"] + [_n(r["ideal"]) for r in references])
+    lines += _table(["server", *(_point(c) for c in columns)], body)
+    labels = {row["target"]: row["label"].split(",")[0] for row in rows}
+    for tiffin, name in (("tiffin", "Tiffin"), ("tiffin-tuned", "Tiffin hand-tuned")):
+        verdict = table["verdicts"].get(f"{tiffin}_ahead_of_peers")
+        if verdict is None:
+            continue
+        if verdict["ahead"]:
+            lines.append(f"- {name} ahead of every peer at every point: **yes**")
+        else:
+            behind = "; ".join(
+                f"{_point(b)} {labels.get(b['peer'], b['peer'])} {_n(b['peer_throughput'])} vs "
+                f"{_n(b['tiffin'])}"
+                for b in verdict["behind"]
+            )
+            lines.append(f"- {name} ahead of every peer at every point: **no**, behind at {behind}")
+    verdict = table["verdicts"].get("default_vs_tuned")
+    if verdict is not None:
+        ratios = ", ".join(f"{_point(p)} {_n(p['ratio'], 2)}" for p in verdict["points"])
+        answer = "yes" if verdict["within"] else "no"
+        lines.append(
+            f"- Tiffin as a user configures it within {1 - BAR_DEFAULT_VS_TUNED:.0%} of the "
+            f"hand-tuned config at every point: **{answer}** (default ÷ tuned: {ratios})"
+        )
+    return lines + [""]
+
+
+def _peer_table(run: dict) -> list[str]:
+    points = [r for r in run["results"] if _is_peer(r["target"]) and "concurrency" in r]
+    if not points:
+        return []
+    rows = [
+        [
+            r["target"],
+            r["model"],
+            r["mode"],
+            r["client"],
+            str(r["concurrency"]),
+            _n(r.get("throughput")),
+            _lat(r, "p50"),
+            _lat(r, "p90"),
+            _lat(r, "p99"),
+            _errors(r),
+        ]
+        for r in points
+    ]
+    header = ["peer", "model", "mode", "client", "conc", "req/s", "p50 ms", "p90 ms", "p99 ms"]
+    return ["## Peers", ""] + _table([*header, "errors"], rows)
+
+
 def markdown(run: dict) -> str:
-    lines = _header(run) + _tiffin_tables(run) + _echo_table(run) + _limit_table(run)
+    lines = _header(run) + _side_by_side_table(run) + _tiffin_tables(run) + _peer_table(run)
+    lines += _echo_table(run) + _limit_table(run)
     lines += _open_loop_table(run) + _bar(run)
     skipped = [r for r in run["results"] if "skipped" in r]
     notes = list(run.get("notes", []))

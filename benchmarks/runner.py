@@ -636,6 +636,7 @@ def main(args: argparse.Namespace) -> int:
         run["limit"] = limits
         run["results"] = journal.results
         run["derived"] = report.derive(limits, journal.results)
+        run["side_by_side"] = report.side_by_side(run)
         run["notes"] = plan.notes
         paths = report.write_all(run, out)
         journal.close()
