@@ -21,7 +21,7 @@ from conftest import ROOT
 if str(ROOT) not in sys.path:  # benchmarks/ is a folder of the repository, not installed
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import compare, models, report  # noqa: E402
+from benchmarks import compare, models, peers, report  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TARGETS = ("tiffin", "echo-sync", "echo-aio")
@@ -181,6 +181,186 @@ def test_compare_prints_the_change():
     assert "1,000" in line and "1,500" in line and "+50.0%" in line and "-20.0%" in line
     assert "limit mlp: 20,000 -> 22,000 items/s (+10.0%)" in text
     assert "only in B: tiffin mlp unary lean c=8" in text
+
+
+# ---- python -m benchmarks run --side-by-side --------------------------------------------
+
+SIDE_BY_SIDE_TARGETS = ("tiffin", "tiffin-tuned", "echo-sync", "echo-aio")
+
+
+def _peer_available(peer: str) -> bool:
+    try:
+        peers.peer_python(peer)
+    except peers.PeerUnavailable:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def side_by_side_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One point per server: Tiffin as a user configures it, hand-tuned, the peers that can
+    run here (FastAPI from the test extra; MLServer only from its own venv), echo, limit."""
+    out = tmp_path_factory.mktemp("side")
+    server_cpus, client_cpus = _cpus()
+    command = [
+        sys.executable, "-m", "benchmarks", "run", "--side-by-side",
+        "--peers", "fastapi,mlserver",
+        "--models", "mlp",
+        "--concurrency", "1",
+        "--clients", "lean",
+        "--server-cpus", server_cpus,
+        "--client-cpus", client_cpus,
+        "--duration", "1",
+        "--warmup", "0.3",
+        "--limit-seconds", "0.05",
+        "--out", str(out),
+        "--model-repository", str(out / "models"),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=140)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_side_by_side_serves_the_config_a_user_writes(side_by_side_run: Path):
+    run = json.loads((side_by_side_run / "run.json").read_text())
+    user_config = "max_batch_size: 64\ndynamic_batching: {}\n"
+    assert (side_by_side_run / "models" / "mlp" / "config.yaml").read_text() == user_config
+    settings = run["settings"]
+    assert settings["side_by_side"] and settings["tiffin_config"] == "user"
+    assert settings["modes"] == ["unary"]
+    assert settings["config_yaml"]["tiffin"] == user_config
+    tuned = settings["config_yaml"]["tiffin-tuned"]
+    assert "kind: inline" in tuned and "intra_op_thread_count: 1" in tuned
+    assert _finite(run["limit"]["mlp"]["best_items_per_s"])
+
+
+@pytest.mark.timeout(180)
+def test_side_by_side_measures_every_server(side_by_side_run: Path):
+    run = json.loads((side_by_side_run / "run.json").read_text())
+    available = [p for p in peers.PEERS if _peer_available(p)]
+    targets = (*SIDE_BY_SIDE_TARGETS, *available)
+    assert run["server_exit_status"] == {t: 0 for t in targets}
+    points = {r["target"]: r for r in run["results"]}
+    assert set(points) == set(targets)
+    for target, r in points.items():
+        assert r["mode"] == "unary" and r["concurrency"] == 1
+        assert r["client"] == peers.PEER_CLIENTS.get(target, "lean")
+        assert r["errors"] == {}, (target, r)
+        assert _finite(r["throughput"]) and r["throughput"] >= 0
+    for peer in (p for p in peers.PEERS if p not in available):
+        hint = f"peer {peer} skipped: run `python -m benchmarks peers-setup`"
+        assert any(n.startswith(hint) for n in run["notes"]), run["notes"]
+
+    table = run["side_by_side"]
+    assert table["columns"] == [{"model": "mlp", "concurrency": 1}]
+    rows = {row["target"]: row for row in table["rows"]}
+    assert set(rows) == {"tiffin", "tiffin-tuned", *available}
+    for target in ("tiffin", "tiffin-tuned"):
+        (cell,) = rows[target]["cells"]
+        if cell["throughput"]:  # a stalled box may leave a point empty; the figures add up
+            assert _finite(cell["ratio_limit"]) and _finite(cell["ratio_ideal"])
+    (reference,) = table["references"]
+    assert reference["ideal"] == pytest.approx(1 / (1 / reference["limit"] + 1 / reference["echo"]))
+    verdicts = table["verdicts"]
+    assert isinstance(verdicts["default_vs_tuned"]["within"], bool)
+    if available:
+        assert isinstance(verdicts["tiffin_ahead_of_peers"]["ahead"], bool)
+
+    text = (side_by_side_run / "results.md").read_text()
+    assert "## Side by side" in text and "| server | mlp c=1 |" in text
+    assert f"| {report.USER_CONFIG_LABEL} |" in text and f"| {report.TUNED_LABEL} |" in text
+    assert "↳ ÷ limit / ÷ ideal" in text and "ideal = 1 / (1/limit + 1/echo)" in text
+    assert "within 5% of the hand-tuned config at every point" in text
+
+
+@pytest.mark.timeout(180)
+def test_side_by_side_runs_mlserver(side_by_side_run: Path):
+    if not _peer_available("mlserver"):
+        pytest.skip("the MLServer peer needs its venv: run `python -m benchmarks peers-setup`")
+    run = json.loads((side_by_side_run / "run.json").read_text())
+    (r,) = [r for r in run["results"] if r["target"] == "mlserver"]
+    assert r["client"] == "lean" and r["errors"] == {}
+    settings = json.loads((side_by_side_run / "mlserver-settings" / "settings.json").read_text())
+    assert settings["parallel_workers"] == 0
+    assert "MLServer" in (side_by_side_run / "results.md").read_text()
+
+
+def test_mlserver_settings_batch_adaptively(tmp_path: Path):
+    ports = peers.write_mlserver_settings(tmp_path, ROOT / "benchmarks" / "models", ["mlp"])
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["parallel_workers"] == 0 and settings["host"] == "127.0.0.1"
+    assert {settings[k] for k in ports} == set(ports.values())
+    model = json.loads((tmp_path / "mlp" / "model-settings.json").read_text())
+    assert model["implementation"] == "mlserver_runtime.OnnxRuntimeModel"
+    assert model["max_batch_size"] == 32 and model["max_batch_time"] == pytest.approx(0.003)
+    assert model["parameters"]["uri"].endswith("mlp/1/model.onnx")
+
+
+def test_a_peer_without_its_environment_says_how_to_set_it_up(tmp_path: Path):
+    with pytest.raises(peers.PeerUnavailable, match="run `python -m benchmarks peers-setup`"):
+        peers.peer_python("mlserver", venv=tmp_path / "absent")
+    with pytest.raises(ValueError, match="unknown peer"):
+        peers.peer_python("triton", venv=tmp_path / "absent")
+
+
+def _side_by_side(figures: dict[str, tuple[float, float]]) -> dict:
+    """A run of made-up unary figures: target -> (mlp c=64, mlp c=1)."""
+    results = [
+        {"target": target, "model": "mlp", "mode": "unary", "concurrency": c,
+         "client": peers.PEER_CLIENTS.get(target, "lean"), "throughput": value}
+        for target, values in figures.items()
+        for c, value in zip((64, 1), values, strict=True)
+    ]  # fmt: skip
+    limits = {"mlp": {"best_items_per_s": 20000.0, "best_batch": 8, "batches": []}}
+    run = {
+        "settings": {"models": ["mlp"], "tiffin_config": "user"},
+        "pinning": {"server_cpus": "1", "client_cpus": "0"},
+        "limit": limits,
+        "results": results,
+    }
+    run["derived"] = report.derive(limits, results)
+    return run
+
+
+def test_side_by_side_verdicts():
+    run = _side_by_side(
+        {
+            "tiffin": (3000, 500),
+            "tiffin-tuned": (3100, 800),
+            "fastapi": (1400, 900),
+            "mlserver": (1000, 200),
+            "echo-sync": (5000, 1500),
+        }
+    )
+    table = report.side_by_side(run)
+    assert table is not None
+    assert table["columns"] == [
+        {"model": "mlp", "concurrency": 64},
+        {"model": "mlp", "concurrency": 1},
+    ]
+    assert [row["target"] for row in table["rows"]] == [
+        "tiffin",
+        "tiffin-tuned",
+        "fastapi",
+        "mlserver",
+    ]
+    tiffin = table["rows"][0]["cells"][0]
+    assert tiffin["ratio_limit"] == pytest.approx(3000 / 20000)
+    assert tiffin["ratio_ideal"] == pytest.approx(3000 / (1 / (1 / 20000 + 1 / 5000)))
+    assert table["references"][0]["echo"] == 5000
+    (behind,) = table["verdicts"]["tiffin_ahead_of_peers"]["behind"]
+    assert behind == {"model": "mlp", "concurrency": 1, "peer": "fastapi", "tiffin": 500,
+                      "peer_throughput": 900}  # fmt: skip
+    assert table["verdicts"]["tiffin_ahead_of_peers"]["ahead"] is False
+    assert table["verdicts"]["default_vs_tuned"]["within"] is False  # 500 / 800 at c=1
+    text = report.markdown({**run, "environment": {}, "started": "t",
+                            "settings": {**run["settings"], "warmup_s": 1, "duration_s": 1,
+                                         "streams": 4}})  # fmt: skip
+    assert "behind at mlp c=1 fastapi 900 vs 500" in text
+    assert "(default ÷ tuned: mlp c=64 0.97, mlp c=1 0.62)" in text
+    # Without peers or tiffin-tuned there is no side-by-side table.
+    assert report.side_by_side(_side_by_side({"tiffin": (1, 1), "echo-aio": (2, 2)})) is None
 
 
 # ---- python -m benchmarks overload -------------------------------------------------------
