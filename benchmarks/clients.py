@@ -11,6 +11,9 @@
   raw_http      the FastAPI peer's protocol (benchmarks/peers): the item's raw FP32 bytes
                 POSTed to /<model> with aiohttp, the body built once; the answer is the
                 output's raw bytes. Unary only.
+  json_http     the BentoML peer's protocol: `{"x": [[...]]}` (one item, batch dimension
+                first) POSTed to /<model> with aiohttp, built once; the answer is JSON.
+                Unary only.
 
 A client makes `unary()` calls and opens `Stream`s (ModelStreamInfer); failures raise
 `RequestFailed` carrying a status-code name, which the load generator counts.
@@ -28,8 +31,8 @@ from tiffin.protos import MESSAGE_SIZE_OPTIONS
 
 from .models import INPUT, OUTPUT, ModelSpec
 
-CLIENTS = ("lean", "tritonclient", "rest", "raw_http")
-UNARY_ONLY = ("rest", "raw_http")
+CLIENTS = ("lean", "tritonclient", "rest", "raw_http", "json_http")
+UNARY_ONLY = ("rest", "raw_http", "json_http")
 CHANNEL_OPTIONS = MESSAGE_SIZE_OPTIONS
 IN_BAND = "STREAM_ERROR"  # a stream response carrying error_message (no status code)
 INVALID = "INVALID_RESPONSE"
@@ -324,6 +327,29 @@ class RawHttpClient(RestClient):
         raise ValueError("the raw HTTP peer has no streams: use --mode unary")
 
 
+class JsonHttpClient(RawHttpClient):
+    """One item as BentoML's JSON for an ndarray argument, posted to the BentoML peer's
+    `/<model>`; the first answer is parsed and checked for shape."""
+
+    def __init__(self, url: str, model: ModelSpec) -> None:
+        import json
+
+        super().__init__(url, model)
+        self._body = json.dumps({"x": model.sample(1).tolist()}).encode()
+        self._headers = {"Content-Type": "application/json"}
+
+    def check(self, body: bytes, headers: Any) -> None:
+        import json
+
+        try:
+            answer = np.asarray(json.loads(body), dtype=np.float32)
+        except ValueError:
+            raise RequestFailed(INVALID, f"not a JSON array: {body[:200]!r}") from None
+        if answer.shape != (1, *self._model.output_dims):
+            raise RequestFailed(INVALID, f"unexpected shape {answer.shape}: {body[:200]!r}")
+        self._checked = True
+
+
 def make_client(kind: str, url: str, model: ModelSpec) -> Client:
     if kind == "lean":
         return LeanClient(url, model)
@@ -333,4 +359,6 @@ def make_client(kind: str, url: str, model: ModelSpec) -> Client:
         return RestClient(url, model)
     if kind == "raw_http":
         return RawHttpClient(url, model)
+    if kind == "json_http":
+        return JsonHttpClient(url, model)
     raise ValueError(f"unknown client '{kind}'; known: {', '.join(CLIENTS)}")

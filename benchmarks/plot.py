@@ -18,7 +18,12 @@ STYLES = {
 }
 # Servers other than Tiffin's default and the echo servers: a colour of their own, whatever
 # the client, so that they stand apart from Tiffin's lines.
-TARGET_COLOURS = {"tiffin-tuned": "navy", "fastapi": "tab:brown", "mlserver": "tab:pink"}
+TARGET_COLOURS = {
+    "tiffin-tuned": "navy",
+    "fastapi": "tab:brown",
+    "mlserver": "tab:pink",
+    "bentoml": "tab:olive",
+}
 COLOURS = {  # (mode, client) -> colour, so that a server's line matches its echo's
     ("unary", "lean"): "tab:blue",
     ("streaming", "lean"): "tab:orange",

@@ -47,7 +47,7 @@ TIFFIN_TARGETS = {
 USER_CONFIG_LABEL = "Tiffin, `max_batch_size: 64` + `dynamic_batching: {}` only"
 TUNED_LABEL = "Tiffin, + `intra_op_thread_count: 1` + `kind: inline`"
 # Which client's figure a side-by-side cell shows, first found first.
-CLIENT_PREFERENCE = ("lean", "raw_http", "tritonclient", "rest", "perf_analyzer")
+CLIENT_PREFERENCE = ("lean", "raw_http", "json_http", "tritonclient", "rest", "perf_analyzer")
 SIDE_BY_SIDE_SKIP = ("tiffin-nohttp", "tiffin-nometrics")
 
 # perf_analyzer's modes -> the lean client's, for an echo figure measured only by the latter.
@@ -268,9 +268,19 @@ def _header(run: dict) -> list[str]:
         )
         + ", server cpu); echo: the better echo server for the same client, mode and "
         "concurrency; ideal = 1 / (1/limit + 1/echo)",
-        "",
     ]
-    return lines
+    # The packages a peer's figure depends on most (the others are in run.json).
+    shown = {
+        "fastapi": ("fastapi", "uvicorn", "httptools"),
+        "mlserver": ("mlserver", "grpcio"),
+        "bentoml": ("bentoml",),
+    }
+    for peer, described in (env.get("peers") or {}).items():
+        packages = described.get("packages") or {}
+        names = (*shown.get(peer, ()), "onnxruntime")
+        versions = ", ".join(f"{n} {packages.get(n)}" for n in names if packages.get(n))
+        lines.append(f"- peer {peer}: {versions} (`{described.get('python')}`)")
+    return lines + [""]
 
 
 def _tiffin_tables(run: dict) -> list[str]:

@@ -70,6 +70,8 @@ TARGETS = (
 DEFAULT_TARGETS = ("tiffin", "echo-sync", "echo-aio")
 # Tiffin targets whose HTTP port is open, so that the `rest` client can drive them.
 REST_TARGETS = ("tiffin", "tiffin-tuned")
+# Clients of a peer's own protocol (FastAPI's raw body, BentoML's JSON).
+PEER_ONLY_CLIENTS = tuple(c for c in peers.PEER_CLIENTS.values() if c in UNARY_ONLY)
 # v2 gRPC clients, which a v2 peer (MLServer) takes as well as Tiffin.
 V2_CLIENTS = ("lean", "tritonclient")
 ALL_CLIENTS = (*CLIENTS, "perf_analyzer")
@@ -217,8 +219,8 @@ class Plan:
         for model in self.models:
             for mode in self.modes:
                 for client in self.python_clients():
-                    if client == "raw_http":
-                        continue  # the FastAPI peer's protocol; no other server speaks it
+                    if client in PEER_ONLY_CLIENTS:
+                        continue  # a peer's own protocol; Tiffin does not speak it
                     if client in UNARY_ONLY and (mode != "unary" or target not in REST_TARGETS):
                         continue  # REST: unary, and only where the HTTP port is open
                     for c in self.concurrency:
@@ -556,6 +558,7 @@ def main(args: argparse.Namespace) -> int:
         except peers.PeerUnavailable as exc:  # noted, and the run goes on without it
             plan.notes.append(str(exc))
             plan.targets.remove(target)
+    run["environment"]["peers"] = peers.describe([t for t in plan.targets if t in peers.PEERS])
     run["settings"]["side_by_side"] = bool(getattr(args, "side_by_side", False))
     run["settings"]["tiffin_config"] = "user" if plan.user_config else "flags"
     run["settings"]["config_yaml"] = {

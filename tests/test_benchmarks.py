@@ -199,12 +199,12 @@ def _peer_available(peer: str) -> bool:
 @pytest.fixture(scope="module")
 def side_by_side_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One point per server: Tiffin as a user configures it, hand-tuned, the peers that can
-    run here (FastAPI from the test extra; MLServer only from its own venv), echo, limit."""
+    run here (FastAPI from the test extra; MLServer and BentoML only from their own venvs),
+    echo, limit."""
     out = tmp_path_factory.mktemp("side")
     server_cpus, client_cpus = _cpus()
     command = [
         sys.executable, "-m", "benchmarks", "run", "--side-by-side",
-        "--peers", "fastapi,mlserver",
         "--models", "mlp",
         "--concurrency", "1",
         "--clients", "lean",
@@ -275,15 +275,20 @@ def test_side_by_side_measures_every_server(side_by_side_run: Path):
 
 
 @pytest.mark.timeout(180)
-def test_side_by_side_runs_mlserver(side_by_side_run: Path):
-    if not _peer_available("mlserver"):
-        pytest.skip("the MLServer peer needs its venv: run `python -m benchmarks peers-setup`")
+@pytest.mark.parametrize("peer", ["mlserver", "bentoml"])
+def test_side_by_side_runs_peers_from_their_venvs(side_by_side_run: Path, peer: str):
+    if not _peer_available(peer):
+        pytest.skip(f"the {peer} peer needs its venv: run `python -m benchmarks peers-setup`")
     run = json.loads((side_by_side_run / "run.json").read_text())
-    (r,) = [r for r in run["results"] if r["target"] == "mlserver"]
-    assert r["client"] == "lean" and r["errors"] == {}
-    settings = json.loads((side_by_side_run / "mlserver-settings" / "settings.json").read_text())
-    assert settings["parallel_workers"] == 0
-    assert "MLServer" in (side_by_side_run / "results.md").read_text()
+    (r,) = [r for r in run["results"] if r["target"] == peer]
+    assert r["client"] == peers.PEER_CLIENTS[peer] and r["errors"] == {}
+    assert run["environment"]["peers"][peer]["packages"][peer]
+    assert peers.PEER_DESCRIPTIONS[peer] in (side_by_side_run / "results.md").read_text()
+    if peer == "mlserver":
+        settings = json.loads(
+            (side_by_side_run / "mlserver-settings" / "settings.json").read_text()
+        )
+        assert settings["parallel_workers"] == 0
 
 
 def test_mlserver_settings_batch_adaptively(tmp_path: Path):

@@ -10,9 +10,14 @@ Each peer serves version 1 of the benchmark repository's ONNX files, is pinned w
             parallel_workers 0, adaptive batching (max_batch_size 32, max_batch_time 3 ms),
             over its v2 gRPC. Driven by the `lean` client (MLServer accepts
             raw_input_contents and then answers with raw_output_contents).
+  bentoml   BentoML 1.4, one service with a batchable API per model (max_batch_size 32),
+            JSON in and out as BentoML's ndarray arguments take it (bentoml_service.py).
+            Driven by the `json_http` client.
 
 MLServer pins protobuf and grpcio versions of its own, so the peers run from their own
-virtual environment, `benchmarks/.peers-venv` (`python -m benchmarks peers-setup`). The
+virtual environment, `benchmarks/.peers-venv` (`python -m benchmarks peers-setup`); BentoML,
+whose protobuf and OpenTelemetry pins clash with MLServer's, from
+`benchmarks/.peers-venv-bentoml`. The
 FastAPI peer also runs from the main environment when fastapi and uvicorn are installed
 there (the `bench` and `test` extras bring them). A peer that cannot run raises
 `PeerUnavailable`, whose message says how to set it up.
@@ -23,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 import urllib.error
@@ -31,15 +37,19 @@ from pathlib import Path
 
 from ..servers import ServerProcess, free_port, pinned
 
-PEERS = ("fastapi", "mlserver")
-# The load client each peer speaks: FastAPI only its raw body, MLServer the v2 gRPC protocol.
-PEER_CLIENTS = {"fastapi": "raw_http", "mlserver": "lean"}
+PEERS = ("fastapi", "mlserver", "bentoml")
+# The load client each peer speaks: FastAPI its raw body, MLServer the v2 gRPC protocol,
+# BentoML its JSON.
+PEER_CLIENTS = {"fastapi": "raw_http", "mlserver": "lean", "bentoml": "json_http"}
 PEER_DESCRIPTIONS = {
     "fastapi": "FastAPI + uvicorn, raw binary body, onnxruntime per request",
     "mlserver": "MLServer 1.7, adaptive batching (max 32, 3 ms)",
+    "bentoml": "BentoML 1.4, batchable API (max 32)",
 }
 PEERS_DIR = Path(__file__).resolve().parent
 VENV = PEERS_DIR.parent / ".peers-venv"
+BENTOML_VENV = PEERS_DIR.parent / ".peers-venv-bentoml"
+PEER_VENVS = {"fastapi": VENV, "mlserver": VENV, "bentoml": BENTOML_VENV}
 SETUP_HINT = "run `python -m benchmarks peers-setup`"
 
 # MLServer's adaptive batching, as the side-by-side table was first measured.
@@ -57,17 +67,56 @@ def venv_python(venv: Path = VENV) -> Path | None:
     return python if python.is_file() and os.access(python, os.X_OK) else None
 
 
-def peer_python(peer: str, venv: Path = VENV) -> str:
-    """The Python a peer runs with: the peers' environment, or for FastAPI the main one when
-    it has fastapi and uvicorn; PeerUnavailable otherwise."""
+def peer_python(peer: str, venv: Path | None = None) -> str:
+    """The Python a peer runs with: its environment (`venv`, by default the peer's own), or
+    for FastAPI the main one when it has fastapi and uvicorn; PeerUnavailable otherwise."""
     if peer not in PEERS:
         raise ValueError(f"unknown peer '{peer}'; known: {', '.join(PEERS)}")
+    venv = venv or PEER_VENVS[peer]
     python = venv_python(venv)
     if python is not None:
         return str(python)
     if peer == "fastapi" and all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
         return sys.executable
     raise PeerUnavailable(f"peer {peer} skipped: {SETUP_HINT} (no {venv})")
+
+
+# What a peer's figure depends on besides its own code.
+PEER_PACKAGES = (
+    "mlserver",
+    "bentoml",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "onnxruntime",
+    "numpy",
+    "grpcio",
+    "protobuf",
+)
+
+
+def describe(peer_targets: list[str], venv: Path | None = None) -> dict[str, dict]:
+    """For each peer that can run: its Python and the versions of its packages there."""
+    described: dict[str, dict] = {}
+    script = (
+        "import json, sys\nfrom importlib import metadata\nversions = {}\n"
+        "for name in sys.argv[1:]:\n    try:\n        versions[name] = metadata.version(name)\n"
+        "    except metadata.PackageNotFoundError:\n        versions[name] = None\n"
+        "print(json.dumps(versions))"
+    )
+    for peer in peer_targets:
+        try:
+            python = peer_python(peer, venv)
+        except PeerUnavailable:
+            continue
+        done = subprocess.run(
+            [python, "-c", script, *PEER_PACKAGES], capture_output=True, text=True, timeout=60
+        )
+        packages = json.loads(done.stdout) if done.returncode == 0 else {}
+        described[peer] = {"python": python, "packages": packages}
+    return described
 
 
 def start_peer(
@@ -77,7 +126,7 @@ def start_peer(
     cpus: str | None,
     log_path: Path,
     timeout: float = 120.0,
-    venv: Path = VENV,
+    venv: Path | None = None,
 ) -> ServerProcess:
     """Starts `peer` pinned to `cpus`, serving `models` from the benchmark `repository`, and
     returns once every model answers ready; `url` is host:port for its client. Raises
@@ -86,6 +135,8 @@ def start_peer(
     python = peer_python(peer, venv)
     if peer == "fastapi":
         return _start_fastapi(python, repository, models, cpus, log_path, timeout)
+    if peer == "bentoml":
+        return _start_bentoml(python, repository, models, cpus, log_path, timeout)
     return _start_mlserver(python, repository, models, cpus, log_path, timeout)
 
 
@@ -130,6 +181,44 @@ def _wait_http_ready(server: ServerProcess, url: str, timeout: float) -> None:
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer 200 within {timeout} s:\n{server.log_tail()}")
+
+
+def _start_bentoml(
+    python: str,
+    repository: Path,
+    models: list[str],
+    cpus: str | None,
+    log_path: Path,
+    timeout: float,
+) -> ServerProcess:
+    port = free_port()
+    command = [
+        str(Path(python).parent / "bentoml"),
+        "serve",
+        "bentoml_service:Models",
+        "--working-dir",
+        str(PEERS_DIR),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    env = {
+        **os.environ,
+        "TIFFIN_PEER_REPOSITORY": str(repository.resolve()),
+        "TIFFIN_PEER_MODELS": ",".join(models),
+        # Its store and logs in the run's folder, not ~/bentoml; no usage reports.
+        "BENTOML_HOME": str(log_path.with_name(log_path.stem + "-home")),
+        "BENTOML_DO_NOT_TRACK": "True",
+    }
+    server = ServerProcess(pinned(command, cpus), log_path, f"127.0.0.1:{port}", env=env)
+    server.http_url = server.url
+    try:
+        _wait_http_ready(server, f"http://{server.url}/readyz", timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def write_mlserver_settings(folder: Path, repository: Path, models: list[str]) -> dict[str, int]:
