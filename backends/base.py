@@ -75,6 +75,11 @@ class BackendBase:
     #: Files a version folder may hold the model in, in order of preference, unless the
     #: config names one (`default_model_filename`); empty for backends that need no file.
     model_filenames: tuple[str, ...] = ()
+    #: Whether `kind: auto` may run instances inside the server process on a machine without
+    #: a GPU, when the hand-off to a worker process costs more than it buys. Only for
+    #: frameworks that run no user code and release the GIL while they compute; user code
+    #: (the python backend, custom backends) always gets a process of its own.
+    may_run_inline: bool = False
 
     @classmethod
     def model_path(cls, config: ModelConfig, version_dir: Path) -> Path:

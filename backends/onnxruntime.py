@@ -247,6 +247,7 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
     model_filenames = ("model.onnx",)
+    may_run_inline = True  # its session runs no user code and computes without the GIL
 
     def __init__(self) -> None:
         self._session: Any = None

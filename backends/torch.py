@@ -198,6 +198,7 @@ class TorchBackend(Backend):
 
     name = "torch"
     model_filenames = ("model.pt2", "model.pt")
+    may_run_inline = True  # exported programs run no user code; kernels compute without the GIL
 
     def __init__(self) -> None:
         self._torch: Any = None

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Literal, NamedTuple
 
 from tiffin.backends import Device
 from tiffin.protos.model_config import InstanceGroup
@@ -34,17 +35,32 @@ def _tell_no_gpu() -> None:
     """Says once per process that `auto` instances run on the CPU (not once per model)."""
     if not _told_no_gpu.is_set():
         _told_no_gpu.set()
-        log.warning("no GPU available: instances of kind auto run on the CPU")
+        log.warning(
+            "no GPU available: instances of kind auto run on the CPU (inline or in worker "
+            "processes, as timing each model at load decides)"
+        )
 
 
-def place_instances(groups: list[InstanceGroup], model: str) -> list[tuple[Device, bool]]:
-    """(device, inline) per instance. Raises ValueError when a GPU asked for is not here."""
+class Placement(NamedTuple):
+    """Where one instance runs: its device, and how it runs there.
+
+    `worker`: a process of its own; `inline`: inside the server process; `measured`: a
+    `kind: auto` instance on a machine without its GPU, a worker or inline as timing it at
+    load decides (scheduler/instance_choice.py)."""
+
+    device: Device
+    runs: Literal["worker", "inline", "measured"]
+
+
+def place_instances(groups: list[InstanceGroup], model: str) -> list[Placement]:
+    """Each instance's placement. Raises ValueError when a GPU asked for is not here."""
     gpus = visible_gpus()
-    devices: list[tuple[Device, bool]] = []
+    devices: list[Placement] = []
     for group in groups:
         label = f"instance_group '{group.name}'" if group.name else "instance_group"
         if group.kind in ("cpu", "inline"):
-            devices += [(Device("cpu"), group.kind == "inline")] * group.count
+            runs: Literal["worker", "inline"] = "inline" if group.kind == "inline" else "worker"
+            devices += [Placement(Device("cpu"), runs)] * group.count
             continue
         wanted = group.gpus or gpus
         missing = [g for g in group.gpus if g not in gpus]
@@ -65,8 +81,8 @@ def place_instances(groups: list[InstanceGroup], model: str) -> list[tuple[Devic
                 )
             else:
                 _tell_no_gpu()
-            devices += [(Device("cpu"), False)] * group.count
+            devices += [Placement(Device("cpu"), "measured")] * group.count
             continue
         for gpu in wanted:
-            devices += [(Device("gpu", gpu), False)] * group.count
+            devices += [Placement(Device("gpu", gpu), "worker")] * group.count
     return devices

@@ -17,6 +17,7 @@ from .batcher import DynamicBatcher, Entry
 from .context import Trace
 from .drift import DriftMonitor
 from .instance import Execution, Instance
+from .instance_choice import InstanceChooser, with_choice
 from .request import InferenceRequest, InferenceResponse, ModelKey
 from .statistics import InstanceState, LiveState, ModelStatistics
 
@@ -49,6 +50,7 @@ class ModelExecutor:
         config: ModelConfig,
         instances: list[Instance],
         monitor: DriftMonitor | None = None,
+        chooser: InstanceChooser | None = None,
     ) -> None:
         self.key = key
         self.statistics = ModelStatistics()
@@ -70,6 +72,7 @@ class ModelExecutor:
         self._closed = False
         self.statistics.live_state = self.live_state
         self._monitor = monitor
+        self._chooser = chooser
         if monitor is not None:
             self.statistics.drift_report = monitor.report
 
@@ -96,11 +99,21 @@ class ModelExecutor:
         )
 
     async def start(self) -> None:
-        """Loads every instance (concurrently) and starts serving."""
+        """Loads every instance (concurrently) and starts serving. Instances of kind auto
+        without a GPU are settled first: timed as a worker, then kept so or run inline, and
+        `config` says which and why."""
         if self._monitor is not None:
             self._monitor.start()  # first: a reference that does not fit fails the load
-        results = await asyncio.gather(*(i.load() for i in self._instances), return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
+        chooser = self._chooser
+        first = [i for i in self._instances if chooser is None or not chooser.loaded_later(i)]
+        results = await asyncio.gather(*(i.load() for i in first), return_exceptions=True)
+        failures: list[BaseException] = [r for r in results if isinstance(r, BaseException)]
+        if not failures and chooser is not None:
+            try:
+                self._instances[:], choice = await chooser.settle(self._instances)
+                self.config = with_choice(self.config, choice)
+            except Exception as exc:
+                failures.append(exc)
         if failures:
             await asyncio.gather(*(i.unload() for i in self._instances), return_exceptions=True)
             if self._monitor is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tiffin.backends import ForwardingBackend, get_backend
+from tiffin.backends import Device, ForwardingBackend, get_backend
 from tiffin.protos.datatypes import DATATYPES
 from tiffin.protos.model_config import ModelConfig
 from tiffin.protos.tensors import element_count
@@ -16,6 +16,7 @@ from .drift import DriftMonitor
 from .executor import Executor, ModelExecutor
 from .forwarding import ForwardingExecutor
 from .instance import InlineInstance, Instance, WorkerInstance
+from .instance_choice import InstanceChooser
 from .pipeline import Enqueue, PipelineExecutor, Resolve
 from .request import ModelKey
 
@@ -64,12 +65,22 @@ class Scheduler:
         instances: list[Instance] = []
         # The model folder holds the version folders and the drift reference.
         monitor = DriftMonitor(key, config, version_dir.parent) if config.monitoring else None
-        executor = ModelExecutor(key, config, instances, monitor)
-        for i, (device, inline) in enumerate(placements):
-            name = f"{key.name}_{key.version}_{i}"
+
+        def inline(name: str, device: Device) -> Instance:
+            return InlineInstance(name, config, version_dir, device)
+
+        names = [f"{key.name}_{key.version}_{i}" for i in range(len(placements))]
+        measured = [
+            name
+            for name, (_, runs) in zip(names, placements, strict=True)
+            if runs == "measured" and backend.may_run_inline
+        ]
+        chooser = InstanceChooser(key, config, measured, inline) if measured else None
+        executor = ModelExecutor(key, config, instances, monitor, chooser)
+        for name, (device, runs) in zip(names, placements, strict=True):
             instances.append(
-                InlineInstance(name, config, version_dir, device)
-                if inline
+                inline(name, device)
+                if runs == "inline"
                 else WorkerInstance(
                     name, config, version_dir, device, size, on_change=executor.instances_changed
                 )
@@ -77,5 +88,6 @@ class Scheduler:
         kinds = sorted(
             {("inline" if isinstance(i, InlineInstance) else str(i.device)) for i in instances}
         )
-        log.info("%s: %d instance(s) on %s", key, len(instances), ", ".join(kinds))
+        chosen = " (worker or inline, as timing at load decides)" if measured else ""
+        log.info("%s: %d instance(s) on %s%s", key, len(instances), ", ".join(kinds), chosen)
         return executor

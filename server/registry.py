@@ -481,6 +481,9 @@ class ModelRegistry:
                 spec = replace(spec, config=config)
             executor = self._scheduler.create_executor(key, config, spec.path)
             await executor.start()
+            if executor.config is not config:  # completed at start (kind auto's choice)
+                config = executor.config
+                spec = replace(spec, config=config)
         except Exception as exc:  # any failure to load makes only this version unavailable
             message = exc.message if isinstance(exc, TiffinError) else str(exc)
             return VersionState(spec, UNAVAILABLE, f"failed to load: {message}")
