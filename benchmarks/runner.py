@@ -8,8 +8,8 @@
      (--no-allow-http), to show what serving REST beside gRPC costs the gRPC path, and
      `tiffin-nometrics` with metrics off (--no-allow-metrics), to show what metrics cost;
      `tiffin-tuned` serves the hand-tuned config (kind: inline, intra_op_thread_count: 1);
-  3. starts each peer (benchmarks/peers: FastAPI, MLServer) on the same cpus, serving the same
-     ONNX files, and drives it with the same closed-loop points (unary, its own client);
+  3. starts each peer (benchmarks/peers: FastAPI, MLServer, BentoML) on the same cpus, serving
+     the same ONNX files, and drives it with the same closed-loop points (unary, its client);
   4. measures the in-process limit on the same cpus;
   5. starts each echo server on the same cpus and drives it with the same load;
   6. writes run.json, results.md and results.png into --out, and prints the table.
