@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, ROOT
+from conftest import ROOT, ServerProcess
 
 WRAPPER_CANDIDATES = [
     Path(os.environ["PERF_ANALYZER"]) if os.environ.get("PERF_ANALYZER") else None,
@@ -55,6 +55,13 @@ def perf_analyzer() -> Path:
             f"{version.stdout}{version.stderr}"
         )
     return wrapper
+
+
+@pytest.fixture
+def server(perf_analyzer: Path, example_server: ServerProcess) -> ServerProcess:
+    """The session's example server (not started where perf_analyzer is missing): a run only
+    reads, and perf_analyzer's counts are differences between two reads of the statistics."""
+    return example_server
 
 
 def run_perf_analyzer(
@@ -101,8 +108,9 @@ def run_perf_analyzer(
         pytest.param(["--streaming"], id="streaming"),  # implies --async; one ModelStreamInfer each
     ],
 )
-def test_perf_analyzer_runs_against_server(perf_analyzer: Path, make_server, mode: list[str]):
-    server = make_server(EXAMPLES)
+def test_perf_analyzer_runs_against_server(
+    perf_analyzer: Path, server: ServerProcess, mode: list[str]
+):
     result = run_perf_analyzer(perf_analyzer, server.url, "-m", "classifier", *mode)
     output = result.stdout + result.stderr
     context = (
@@ -131,11 +139,10 @@ def test_perf_analyzer_runs_against_server(perf_analyzer: Path, make_server, mod
     ],
 )
 def test_perf_analyzer_runs_over_http(
-    perf_analyzer: Path, make_server, model: str, mode: list[str]
+    perf_analyzer: Path, server: ServerProcess, model: str, mode: list[str]
 ):
     """`-i http`: perf_analyzer's REST client reads the config and statistics as JSON and
     sends binary tensors (Inference-Header-Content-Length) to the REST front door."""
-    server = make_server(EXAMPLES)
     result = run_perf_analyzer(perf_analyzer, server.http_url, "-m", model, *mode, protocol="http")
     output = result.stdout + result.stderr
     context = (
@@ -150,9 +157,8 @@ def test_perf_analyzer_runs_over_http(
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 90)
-def test_perf_analyzer_rejects_batch_on_unbatched_model(perf_analyzer: Path, make_server):
+def test_perf_analyzer_rejects_batch_on_unbatched_model(perf_analyzer: Path, server: ServerProcess):
     """max_batch_size 0 in ModelConfig: perf_analyzer itself refuses -b > 1 before any load."""
-    server = make_server(EXAMPLES)
     result = run_perf_analyzer(
         perf_analyzer, server.url, "-m", "uppercase", "--shape", "text:4", "-b", "4"
     )
@@ -162,7 +168,9 @@ def test_perf_analyzer_rejects_batch_on_unbatched_model(perf_analyzer: Path, mak
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 90)
-def test_perf_analyzer_runs_against_pipeline(perf_analyzer: Path, make_server, tmp_path: Path):
+def test_perf_analyzer_runs_against_pipeline(
+    perf_analyzer: Path, server: ServerProcess, tmp_path: Path
+):
     """A pipeline looks like a Triton ensemble: perf_analyzer reads each step's ModelConfig
     and the statistics of every model, and the JSON text goes in as given."""
     record = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
@@ -170,7 +178,6 @@ def test_perf_analyzer_runs_against_pipeline(perf_analyzer: Path, make_server, t
     data.write_text(
         json.dumps({"data": [{"json": {"content": [json.dumps(record)], "shape": [1]}}]})
     )
-    server = make_server(EXAMPLES)
     result = run_perf_analyzer(
         perf_analyzer, server.url, "-m", "classify_json", "--input-data", str(data)
     )
