@@ -176,3 +176,21 @@ def example_repo_copy(tmp_path: Path) -> Path:
     target = tmp_path / "models"
     shutil.copytree(EXAMPLES, target)
     return target
+
+
+ONNX_EXAMPLES = ("add_sub", "classifier", "uppercase")
+
+
+def example_models(target: Path, *names: str) -> Path:
+    """A repository of only the named example models, copied to `target`. A server of the
+    ONNX ones (inline instances) is serving in about a second; the whole example repository
+    starts a torch and two python workers first (8-13 s on two busy cores)."""
+    for name in names:
+        shutil.copytree(EXAMPLES / name, target / name)
+    return target
+
+
+@pytest.fixture
+def example_onnx_copy(tmp_path: Path) -> Path:
+    """A writable copy of the example repository's ONNX models (ONNX_EXAMPLES)."""
+    return example_models(tmp_path / "models", *ONNX_EXAMPLES)

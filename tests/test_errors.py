@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import EXAMPLES, ServerProcess
+from conftest import ServerProcess
 from models import identity, write_model
 from tiffin.protos import method_path, protocol
 
@@ -485,8 +485,8 @@ def test_priority_with_string_value_rejected(example_server):
 # ---- transport limits -------------------------------------------------------------------------
 
 
-def test_message_over_size_limit(make_server):
-    server = make_server(EXAMPLES, "--max-message-bytes", "1048576")
+def test_message_over_size_limit(make_server, example_onnx_copy):
+    server = make_server(example_onnx_copy, "--max-message-bytes", "1048576")
     c = grpcclient.InferenceServerClient(server.url)
     try:
         big = grpcclient.InferInput("text", [1], "BYTES")

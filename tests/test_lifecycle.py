@@ -78,8 +78,8 @@ def test_requests_after_shutdown_began_are_refused(slow_repo):
     assert server.proc.wait(60) == 0
 
 
-def test_load_and_unload_models(make_server, example_repo_copy):
-    server = make_server(example_repo_copy)
+def test_load_and_unload_models(make_server, example_onnx_copy):
+    server = make_server(example_onnx_copy)
     client = tc.InferenceServerClient(server.url)
     client.unload_model("add_sub")
     index = {
@@ -96,7 +96,7 @@ def test_load_and_unload_models(make_server, example_repo_copy):
     assert client.is_model_ready("add_sub")
 
     # A new model folder appears and is loaded on request.
-    shutil.copytree(EXAMPLES / "uppercase", example_repo_copy / "shout")
+    shutil.copytree(EXAMPLES / "uppercase", example_onnx_copy / "shout")
     client.load_model("shout")
     text = tc.InferInput("text", [1], "BYTES")
     text.set_data_from_numpy(np.array([b"hi"], dtype=object))
@@ -108,10 +108,10 @@ def test_load_and_unload_models(make_server, example_repo_copy):
     assert "not_there" in info.value.message()
 
 
-def test_reload_picks_up_a_new_version(make_server, example_repo_copy):
-    server = make_server(example_repo_copy)
+def test_reload_picks_up_a_new_version(make_server, example_onnx_copy):
+    server = make_server(example_onnx_copy)
     client = tc.InferenceServerClient(server.url)
-    shutil.copytree(example_repo_copy / "classifier" / "2", example_repo_copy / "classifier" / "3")
+    shutil.copytree(example_onnx_copy / "classifier" / "2", example_onnx_copy / "classifier" / "3")
     client.load_model("classifier")
     assert sorted(client.get_model_metadata("classifier").versions) == ["2", "3"]
     assert not client.is_model_ready("classifier", "1")  # latest 2: 1 is no longer served

@@ -82,8 +82,8 @@ def inputs(module, rows: int = 1, width: int = 16) -> list:
 
 
 @pytest.fixture
-def server(make_server) -> Iterator[ServerProcess]:
-    yield make_server(EXAMPLES)
+def server(make_server, example_onnx_copy: Path) -> Iterator[ServerProcess]:
+    yield make_server(example_onnx_copy)
 
 
 def test_requests_and_durations_count_what_was_sent(server: ServerProcess) -> None:
@@ -155,8 +155,10 @@ def test_requests_and_durations_count_what_was_sent(server: ServerProcess) -> No
     http_client.close()
 
 
-def test_unload_and_load_are_events(make_server) -> None:
-    server = make_server(EXAMPLES, "--model-control-mode", "explicit", "--load-model", "add_sub")
+def test_unload_and_load_are_events(make_server, example_onnx_copy: Path) -> None:
+    server = make_server(
+        example_onnx_copy, "--model-control-mode", "explicit", "--load-model", "add_sub"
+    )
     client = grpcclient.InferenceServerClient(server.url)
     client.unload_model("add_sub")
     client.load_model("add_sub")
@@ -167,8 +169,8 @@ def test_unload_and_load_are_events(make_server) -> None:
     client.close()
 
 
-def test_no_allow_metrics_serves_nothing(make_server) -> None:
-    server = make_server(EXAMPLES, "--no-allow-metrics")
+def test_no_allow_metrics_serves_nothing(make_server, example_onnx_copy: Path) -> None:
+    server = make_server(example_onnx_copy, "--no-allow-metrics")
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(server.metrics_url, timeout=2)
 

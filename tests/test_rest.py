@@ -735,8 +735,8 @@ def test_server_still_serves_after_hostile_requests(example_server, client):
 # ---- repository, load shedding, switching off, shutdown -------------------------------------
 
 
-def test_load_and_unload_over_rest(make_server, example_repo_copy):
-    server = make_server(example_repo_copy)
+def test_load_and_unload_over_rest(make_server, example_onnx_copy):
+    server = make_server(example_onnx_copy)
     c = httpclient.InferenceServerClient(server.http_url, network_timeout=30)
     try:
         c.unload_model("add_sub")
@@ -790,8 +790,8 @@ def test_requests_beyond_max_inflight_get_429(make_server, slow_repo):
     assert answers[0][0] == 200
 
 
-def test_allow_http_off(make_server):
-    server = make_server(EXAMPLES, "--no-allow-http")
+def test_allow_http_off(make_server, example_onnx_copy):
+    server = make_server(example_onnx_copy, "--no-allow-http")
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.http_port), timeout=2).close()
     assert "listening for HTTP" not in server.log()

@@ -404,12 +404,12 @@ def test_onnx_model_on_gpu(make_server, example_repo_copy):
     assert "gpu:0" in server.log()
 
 
-def test_gpu_instance_without_a_gpu_fails_the_load_clearly(make_server, example_repo_copy):
+def test_gpu_instance_without_a_gpu_fails_the_load_clearly(make_server, example_onnx_copy):
     if Path("/proc/driver/nvidia/gpus").is_dir():
         pytest.skip("this machine has a GPU")
-    config = example_repo_copy / "add_sub" / "config.yaml"
+    config = example_onnx_copy / "add_sub" / "config.yaml"
     config.write_text(config.read_text().replace("kind: inline", "kind: gpu"))
-    server = make_server(example_repo_copy)
+    server = make_server(example_onnx_copy)
     index = {
         m.name: m for m in tc.InferenceServerClient(server.url).get_model_repository_index().models
     }
