@@ -529,6 +529,14 @@ def _side_by_side_table(run: dict) -> list[str]:
             f"- Tiffin as a user configures it within {1 - BAR_DEFAULT_VS_TUNED:.0%} of the "
             f"hand-tuned config at every point: **{answer}** (default ÷ tuned: {ratios})"
         )
+    for model, choice in (run.get("served_choices") or {}).get("tiffin", {}).items():
+        said = "; ".join(
+            f"{key}: {choice[key]}"
+            for key in ("instance_choice", "thread_defaults")
+            if key in choice
+        )
+        if said:
+            lines.append(f"- Tiffin's choices for {model} (the config a user writes): {said}")
     return lines + [""]
 
 

@@ -571,6 +571,7 @@ def main(args: argparse.Namespace) -> int:
     journal = Journal(run, out)
     limits: dict = {}
     stops: dict[str, int] = {}
+    served: dict[str, dict] = run.setdefault("served_choices", {})
     display = Display(_steps(plan, pa is not None))
     for sig in (signal.SIGTERM, signal.SIGHUP):
         # Stopped from outside: unwind, so that servers stop and what was measured is written.
@@ -593,6 +594,8 @@ def main(args: argparse.Namespace) -> int:
                 display.start(f"starting serverctl serve ({target})")
                 with _serving(start, target, plan.notes, stops) as server:
                     if server is not None:
+                        # What the server chose where the config left it open, and why.
+                        served[target] = servers.served_choices(server.url, plan.models)
                         _measure_server(plan, target, server, pa, display, journal)
             for target in (t for t in plan.targets if t in peers.PEERS):
                 start = functools.partial(

@@ -182,6 +182,45 @@ def _wait_serving(server: ServerProcess, models: list[str], timeout: float) -> N
                 raise RuntimeError(f"model {name} is not ready ({detail}):\n{server.log_tail()}")
 
 
+# The parameters in which the server says what it chose for a model and why.
+CHOICE_PARAMETERS = (
+    "instance_choice",
+    "thread_defaults",
+    "intra_op_thread_count",
+    "allow_spinning",
+)
+
+
+def served_choices(url: str, models: list[str], timeout: float = 5.0) -> dict[str, dict]:
+    """What a running Tiffin chose for each model, from its ModelConfig: the instance kinds
+    and the parameters that say how the instances run (a user's config leaves them to it)."""
+    from tiffin.protos import method_path, protocol
+
+    pb = protocol()
+    choices: dict[str, dict] = {}
+    with grpc.insecure_channel(url) as channel:
+        model_config = channel.unary_unary(
+            method_path("ModelConfig"),
+            request_serializer=pb.ModelConfigRequest.SerializeToString,
+            response_deserializer=pb.ModelConfigResponse.FromString,
+        )
+        for name in models:
+            try:
+                config = model_config(pb.ModelConfigRequest(name=name), timeout=timeout).config
+            except grpc.RpcError as exc:
+                choices[name] = {"error": exc.details() or str(exc.code())}
+                continue
+            parameters = {k: v.string_value for k, v in config.parameters.items()}
+            choices[name] = {
+                "instance_group": [
+                    {"kind": pb.ModelInstanceGroup.Kind.Name(g.kind), "count": g.count}
+                    for g in config.instance_group
+                ],
+                **{k: parameters[k] for k in CHOICE_PARAMETERS if k in parameters},
+            }
+    return choices
+
+
 def start_echo(kind: str, cpus: str | None, log_path: Path, timeout: float = 60.0) -> ServerProcess:
     """`python -m benchmarks echo --kind KIND` pinned to `cpus`, once it printed its port."""
     command = [sys.executable, "-m", "benchmarks", "echo", "--kind", kind, "--port", "0"]

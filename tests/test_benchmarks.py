@@ -233,6 +233,9 @@ def test_side_by_side_serves_the_config_a_user_writes(side_by_side_run: Path):
     tuned = settings["config_yaml"]["tiffin-tuned"]
     assert "kind: inline" in tuned and "intra_op_thread_count: 1" in tuned
     assert _finite(run["limit"]["mlp"]["best_items_per_s"])
+    # What the server chose where the config left it open, as it served it.
+    assert set(run["served_choices"]) == {"tiffin", "tiffin-tuned"}
+    assert run["served_choices"]["tiffin"]["mlp"]["instance_group"]
 
 
 @pytest.mark.timeout(180)
