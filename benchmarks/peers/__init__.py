@@ -17,10 +17,13 @@ Each peer serves version 1 of the benchmark repository's ONNX files, is pinned w
 MLServer pins protobuf and grpcio versions of its own, so the peers run from their own
 virtual environment, `benchmarks/.peers-venv` (`python -m benchmarks peers-setup`); BentoML,
 whose protobuf and OpenTelemetry pins clash with MLServer's, from
-`benchmarks/.peers-venv-bentoml`. The
-FastAPI peer also runs from the main environment when fastapi and uvicorn are installed
-there (the `bench` and `test` extras bring them). A peer that cannot run raises
-`PeerUnavailable`, whose message says how to set it up.
+`benchmarks/.peers-venv-bentoml`. The FastAPI peer also runs from the main environment when
+fastapi and uvicorn are installed there (the `bench` and `test` extras bring them). A peer
+that cannot run raises `PeerUnavailable`, whose message says how to set it up.
+
+This module is the interface (start a peer, pinned, for a repository and models; a
+`servers.ServerProcess` comes back); the peer modules beside it are what runs inside each
+peer's own Python, and import nothing of Tiffin's.
 """
 
 from __future__ import annotations
