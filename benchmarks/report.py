@@ -529,6 +529,14 @@ def _side_by_side_table(run: dict) -> list[str]:
             f"- Tiffin as a user configures it within {1 - BAR_DEFAULT_VS_TUNED:.0%} of the "
             f"hand-tuned config at every point: **{answer}** (default ÷ tuned: {ratios})"
         )
+    during = [r["load_1min"] for r in run.get("results", []) if r.get("load_1min") is not None]
+    cpus = (run.get("environment") or {}).get("cpu_count")
+    if during and cpus and max(during) > cpus:
+        lines.append(
+            f"- the 1-minute load average reached {max(during)} on {cpus} cpus during the "
+            "points: other work shared the cores, so small differences between rows (the 5% "
+            "above among them) are within noise here; repeat on a quiet machine to judge them"
+        )
     for model, choice in (run.get("served_choices") or {}).get("tiffin", {}).items():
         said = "; ".join(
             f"{key}: {choice[key]}"
