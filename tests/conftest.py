@@ -194,3 +194,21 @@ def example_models(target: Path, *names: str) -> Path:
 def example_onnx_copy(tmp_path: Path) -> Path:
     """A writable copy of the example repository's ONNX models (ONNX_EXAMPLES)."""
     return example_models(tmp_path / "models", *ONNX_EXAMPLES)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Docker tests run last: the base image they need is made meanwhile (below)."""
+    items.sort(key=lambda item: item.get_closest_marker("docker") is not None)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Starts making test_containerize's base image (debootstrap, 1-2 minutes on a clean
+    machine) in a thread, while the other tests run."""
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        if item.get_closest_marker("docker") is not None:
+            starter = getattr(item.module, "base_image", None)
+            if starter is not None:
+                starter.start()
+            return

@@ -3,7 +3,10 @@ real server, and (marked `docker`, where an engine answers) an image built for r
 bundle with a wheelhouse, run, asked for an inference and stopped with SIGTERM.
 
 The docker test needs no registry: its base image is made with debootstrap (Debian bookworm,
-whose Python is 3.11 as here) and kept under the name BASE_IMAGE, so later runs reuse it.
+whose Python is 3.11 as here) and kept under the name BASE_IMAGE, so later runs reuse it. On an
+engine without it (a clean CI machine: 1-2 minutes of downloads and unpacking) it is made in a
+thread started when the session's tests are collected (conftest.py), and the docker tests run
+last, so the other tests run meanwhile.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -160,28 +165,68 @@ def _engine() -> str:
     return ""
 
 
-def base_image(scratch: Path) -> str:
+def _make_base_image() -> str:
     """BASE_IMAGE, made with debootstrap when the engine does not have it yet."""
+    why = _engine()
+    if why:
+        pytest.skip(why)
     if _docker("image", "inspect", BASE_IMAGE).returncode == 0:
         return BASE_IMAGE
     if shutil.which("debootstrap") is None or os.geteuid() != 0:
         pytest.skip(f"{BASE_IMAGE} is missing and making it needs debootstrap, as root")
-    root = scratch / "rootfs"
-    steps = [
-        ["debootstrap", "--variant=minbase", "bookworm", str(root)],
-        ["chroot", str(root), "apt-get", "install", "-y", "--no-install-recommends",
-         "python3", "python3-venv"],
-        ["chroot", str(root), "apt-get", "clean"],
-    ]  # fmt: skip
-    for step in steps:
-        done = subprocess.run(step, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, f"{step[0]} failed:\n{done.stderr[-2000:]}"
-    tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-    done = subprocess.run(
-        ["docker", "import", "-", BASE_IMAGE], stdin=tar.stdout, capture_output=True
-    )
-    assert tar.wait() == 0 and done.returncode == 0, done.stderr
+    scratch = Path(tempfile.mkdtemp(prefix="tiffin-base-image-"))
+    try:
+        root = scratch / "rootfs"
+        steps = [
+            ["debootstrap", "--variant=minbase", "bookworm", str(root)],
+            ["chroot", str(root), "apt-get", "install", "-y", "--no-install-recommends",
+             "python3", "python3-venv"],
+            ["chroot", str(root), "apt-get", "clean"],
+        ]  # fmt: skip
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0, f"{step[0]} failed:\n{done.stderr[-2000:]}"
+        tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
+        done = subprocess.run(
+            ["docker", "import", "-", BASE_IMAGE], stdin=tar.stdout, capture_output=True
+        )
+        assert tar.wait() == 0 and done.returncode == 0, done.stderr
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return BASE_IMAGE
+
+
+class _BaseImage:
+    """_make_base_image() run once, in a thread: conftest.py starts it when docker tests are
+    collected; the test waits for it and gets its image, its skip or its failure."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._outcome: tuple[str | None, BaseException | None] = (None, None)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="base-image", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._outcome = (_make_base_image(), None)
+        except BaseException as exc:  # pytest.skip's exception too: the test raises it again
+            self._outcome = (None, exc)
+
+    def get(self) -> str:
+        self.start()
+        assert self._thread is not None
+        self._thread.join()
+        image, error = self._outcome
+        if error is not None:
+            raise error
+        assert image is not None
+        return image
+
+
+base_image = _BaseImage()
 
 
 def _wait_serving(url: str, container: str, timeout: float = 120) -> None:
@@ -202,10 +247,7 @@ def _wait_serving(url: str, container: str, timeout: float = 120) -> None:
 def test_image_from_a_bundle_serves_and_stops_cleanly(
     repository: Path, tmp_path: Path, store: Path
 ) -> None:
-    why = _engine()
-    if why:
-        pytest.skip(why)
-    base = base_image(tmp_path)
+    base = base_image.get()  # skips without an engine, or without debootstrap as root
     bundle = tmp_path / "demo.tar.gz"
     serverctl("build", str(repository), "--output", str(bundle), "--wheels", "--name", "demo")
     previous = _docker("image", "inspect", IMAGE, "--format", "{{.Id}}").stdout.strip()
