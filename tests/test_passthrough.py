@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from conftest import EXAMPLES, ServerProcess, free_port
+from conftest import ONNX_EXAMPLES, ServerProcess, example_models, free_port
 from models import value_input, write_repository
 from tiffin.backends.triton import TritonBackend
 from tiffin.protos.model_config import ModelConfig
@@ -56,8 +56,8 @@ def repository_state(client: tc.InferenceServerClient) -> dict[str, tuple[str, s
 
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    root = tmp_path_factory.mktemp("remote") / "models"
-    shutil.copytree(EXAMPLES, root)
+    # The example ONNX models are the ones proxied: the torch and python workers stay out.
+    root = example_models(tmp_path_factory.mktemp("remote") / "models", *ONNX_EXAMPLES)
     write_repository(
         root,
         {
