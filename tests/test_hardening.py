@@ -133,11 +133,11 @@ def assert_serving(server: ServerProcess) -> None:
 
 def test_storm_of_failing_streams_does_not_crash_the_server(server):
     """8 threads open streams with triton_grpc_error: true, each sending a request with a
-    wrong datatype among valid ones, for 30 s. This crashed the server with SIGSEGV within
+    wrong datatype among valid ones, for 20 s. This crashed the server with SIGSEGV within
     15 s (protobuf messages freed by the garbage collector on a stream's reader thread)."""
     bad, good = vector_request("INT32"), vector_request()
     order = [bad] + [good] * 20
-    stop = time.monotonic() + 30
+    stop = time.monotonic() + 20
     outcomes: dict[str, int] = {}
     lock = threading.Lock()
 
@@ -163,6 +163,7 @@ def test_storm_of_failing_streams_does_not_crash_the_server(server):
         worker.join(60)
     assert server.proc.poll() is None, f"the server died: {server.log()[-3000:]}"
     assert set(outcomes) <= {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}, outcomes
+    print(f"\nstorm outcomes: {outcomes}")
     assert outcomes.get("INVALID_ARGUMENT", 0) > 100, outcomes
     assert_serving(server)
 
