@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,9 @@ def derive(limits: dict, results: list[dict]) -> list[dict]:
             continue
         model_limit = limits.get(r["model"], {})
         limit = model_limit.get("best_items_per_s")
-        matching = [e for e in echoes if _same_point(e, r)]
+        # The echo of the same round where the run had several, else of any.
+        matching = [e for e in echoes if _same_point(e, r) and e.get("round") == r.get("round")]
+        matching = matching or [e for e in echoes if _same_point(e, r)]
         if not matching:  # e.g. perf_analyzer not run against an echo server: the lean echo
             lean = {**r, "client": "lean", "mode": _LEAN_MODE.get(r["mode"], r["mode"])}
             matching = [e for e in echoes if _same_point(e, lean)]
@@ -75,6 +78,7 @@ def derive(limits: dict, results: list[dict]) -> list[dict]:
         echo = best["throughput"] if best else None
         ideal = 1 / (1 / limit + 1 / echo) if limit and echo else None
         entry: dict[str, Any] = {
+            **({"round": r["round"]} if "round" in r else {}),
             "target": r["target"],
             "model": r["model"],
             "mode": r["mode"],
@@ -109,8 +113,9 @@ def _is_peer(target: str) -> bool:
     return not target.startswith(("tiffin", "echo-"))
 
 
-def _pick(results: list[dict], target: str, model: str, concurrency: int) -> dict | None:
-    """The figure of one server at one point, from the preferred client."""
+def _figure(results: list[dict], target: str, model: str, concurrency: int) -> dict:
+    """One server's figure at one point, from the preferred client: the median over the
+    run's rounds (a single round: its figure), the client, and every round's figure."""
     found = [
         r
         for r in results
@@ -118,8 +123,15 @@ def _pick(results: list[dict], target: str, model: str, concurrency: int) -> dic
         and r.get("throughput") is not None
         and "error" not in r
     ]
+    if not found:
+        return {"throughput": None, "client": None}
     rank = {c: i for i, c in enumerate(CLIENT_PREFERENCE)}
-    return min(found, key=lambda r: rank.get(r["client"], len(rank)), default=None)
+    client = min((r["client"] for r in found), key=lambda c: rank.get(c, len(rank)))
+    values = [r["throughput"] for r in found if r["client"] == client]
+    figure: dict[str, Any] = {"throughput": statistics.median(values), "client": client}
+    if len(values) > 1:
+        figure["rounds"] = values
+    return figure
 
 
 def _row_label(run: dict, target: str) -> str:
@@ -149,37 +161,28 @@ def side_by_side(run: dict) -> dict | None:
     )
     concurrencies = sorted({r["concurrency"] for r in results}, reverse=True)
     columns = [{"model": m, "concurrency": c} for c in concurrencies for m in models]
-    derived = run.get("derived", [])
+    # The transport ceiling as the lean client measured it (every echo server, each a median).
+    lean = [r for r in results if r["client"] == "lean"]
+    echo_targets = [t for t in dict.fromkeys(r["target"] for r in lean) if t.startswith("echo-")]
+    references = []
+    for col in columns:
+        echoes = [
+            _figure(lean, t, col["model"], col["concurrency"])["throughput"] for t in echo_targets
+        ]
+        limit = (run.get("limit", {}).get(col["model"]) or {}).get("best_items_per_s")
+        echo = max((e for e in echoes if e), default=None)
+        ideal = 1 / (1 / limit + 1 / echo) if limit and echo else None
+        references.append({"limit": limit, "echo": echo, "ideal": ideal})
     rows = []
     for target in targets:
         cells = []
-        for col in columns:
-            r = _pick(results, target, col["model"], col["concurrency"])
-            cell: dict[str, Any] = {
-                "throughput": r["throughput"] if r else None,
-                "client": r["client"] if r else None,
-            }
-            d = next(
-                (d for d in derived if r and d.get("target") == target and _same_point(d, r)),
-                None,
-            )
-            if d is not None:
-                cell["ratio_limit"] = d["ratio_limit"]
-                cell["ratio_ideal"] = d["ratio_ideal"]
+        for col, ref in zip(columns, references, strict=True):
+            cell = _figure(results, target, col["model"], col["concurrency"])
+            if target.startswith("tiffin") and cell["throughput"] is not None:
+                cell["ratio_limit"] = cell["throughput"] / ref["limit"] if ref["limit"] else None
+                cell["ratio_ideal"] = cell["throughput"] / ref["ideal"] if ref["ideal"] else None
             cells.append(cell)
         rows.append({"target": target, "label": _row_label(run, target), "cells": cells})
-    references = []
-    for col in columns:
-        lean = {"model": col["model"], "mode": "unary", "client": "lean", **col}
-        echoes = [
-            r["throughput"]
-            for r in results
-            if r["target"].startswith("echo-") and r.get("throughput") and _same_point(r, lean)
-        ]
-        limit = (run.get("limit", {}).get(col["model"]) or {}).get("best_items_per_s")
-        echo = max(echoes, default=None)
-        ideal = 1 / (1 / limit + 1 / echo) if limit and echo else None
-        references.append({"limit": limit, "echo": echo, "ideal": ideal})
     by_target = {row["target"]: row["cells"] for row in rows}
     verdicts: dict[str, Any] = {}
     for tiffin in (t for t in ("tiffin", "tiffin-tuned") if t in by_target and peers):
@@ -223,6 +226,12 @@ def _errors(result: dict) -> str:
         return "failed"
     errors = result.get("errors") or {}
     return ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "0"
+
+
+def _conc(result: dict) -> str:
+    """The concurrency, and the round where a run measured every server several times."""
+    rounds = f" (round {result['round'] + 1})" if "round" in result else ""
+    return f"{result['concurrency']}{rounds}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -293,14 +302,20 @@ def _tiffin_tables(run: dict) -> list[str]:
         rows = []
         for r in (r for r in tiffin if (r["target"], r["client"]) == (target, client)):
             d: dict = next(
-                (d for d in derived if _same_point(d, r) and d.get("target", target) == target),
+                (
+                    d
+                    for d in derived
+                    if _same_point(d, r)
+                    and d.get("target", target) == target
+                    and d.get("round") == r.get("round")
+                ),
                 {},
             )
             rows.append(
                 [
                     r["model"],
                     r["mode"],
-                    str(r["concurrency"]),
+                    _conc(r),
                     _n(r.get("throughput")),
                     _lat(r, "p50"),
                     _lat(r, "p90"),
@@ -471,6 +486,13 @@ def _point(col: dict) -> str:
     return f"{col['model']} c={col['concurrency']}"
 
 
+def _cell(cell: dict) -> str:
+    """A median, with the range of the rounds' figures where there were several."""
+    if "rounds" not in cell:
+        return _n(cell["throughput"])
+    return f"{_n(cell['throughput'])} ({_n(min(cell['rounds']))}–{_n(max(cell['rounds']))})"
+
+
 def _side_by_side_table(run: dict) -> list[str]:
     table = run.get("side_by_side") or side_by_side(run)
     if not table:
@@ -482,8 +504,10 @@ def _side_by_side_table(run: dict) -> list[str]:
         for c in row["cells"]
         if c["client"]
     )
+    rounds = (run.get("settings") or {}).get("rounds") or 1
     lines = [
-        "## Side by side: unary, batch-1 requests, closed loop, req/s",
+        "## Side by side: unary, batch-1 requests, closed loop, req/s"
+        + (f", median of {rounds} rounds" if rounds > 1 else ""),
         "",
         f"Every server on cpu {run['pinning']['server_cpus']}, the load on cpu "
         f"{run['pinning']['client_cpus']}, in this run; clients: {', '.join(clients)}. Under "
@@ -492,7 +516,7 @@ def _side_by_side_table(run: dict) -> list[str]:
     ]
     body = []
     for row in rows:
-        body.append([row["label"]] + [_n(c["throughput"]) for c in row["cells"]])
+        body.append([row["label"]] + [_cell(c) for c in row["cells"]])
         if row["target"].startswith("tiffin"):
             body.append(
                 ["↳ ÷ limit / ÷ ideal"]
@@ -558,7 +582,7 @@ def _peer_table(run: dict) -> list[str]:
             r["model"],
             r["mode"],
             r["client"],
-            str(r["concurrency"]),
+            _conc(r),
             _n(r.get("throughput")),
             _lat(r, "p50"),
             _lat(r, "p90"),

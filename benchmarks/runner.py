@@ -121,6 +121,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the peers --side-by-side runs (set them up with `python -m benchmarks peers-setup`)",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every server this many times, in reverse order every other round; "
+        "the side-by-side table shows each point's median (a busy machine drifts)",
+    )
+    parser.add_argument(
         "--user-config",
         action="store_true",
         help="target tiffin serves exactly `max_batch_size: 64` and `dynamic_batching: {}` "
@@ -165,6 +172,7 @@ class Plan:
     procs: int
     args: argparse.Namespace
     user_config: bool = False  # target tiffin serves USER_CONFIG
+    rounds: int = 1  # every server measured this many times
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -190,6 +198,7 @@ class Plan:
             procs=args.procs or len(client_cpus),
             args=args,
             user_config=side_by_side or getattr(args, "user_config", False),
+            rounds=max(1, getattr(args, "rounds", 1)),
         )
 
     def repository_options(self) -> RepositoryOptions:
@@ -399,11 +408,15 @@ def _measure_server(
     pa: perf_analyzer.PerfAnalyzer | None,
     display: Display,
     journal: Journal,
+    tag: dict | None = None,
 ) -> None:
+    """Drives every point of `plan` against one server; each result carries `tag` (its
+    round, when there are several)."""
     url = server.url
+    tag = tag or {}
     for point in plan.loads(target):
         display.start(_label(target, point))
-        result = {"target": target, **point, **_run_load(plan, server, point)}
+        result = {"target": target, **point, **tag, **_run_load(plan, server, point)}
         journal.add(result)
         shown = result["error"] if "error" in result else format_result(result)
         display.finish(f"{_label(target, point)}: {shown}")
@@ -415,7 +428,7 @@ def _measure_server(
         label = _label(target, point) + f" ({point['mode']})"
         note = _pa_skip(target, point)
         if note:
-            journal.add({"target": target, **point, "skipped": note})
+            journal.add({"target": target, **point, **tag, "skipped": note})
             display.finish(f"{label}: {note}")
             continue
         display.start(label)
@@ -429,7 +442,7 @@ def _measure_server(
             timeout=interval / 1000 * perf_analyzer.MAX_TRIALS + 45,
             cpus=plan.client_cpus,
         )
-        result = {"target": target, **point, **figures}
+        result = {"target": target, **point, **tag, **figures}
         journal.add(result)
         if "throughput" in result:
             lat = result.get("latency_ms") or {}
@@ -498,7 +511,7 @@ def _steps(plan: Plan, pa: bool) -> int:
         count += sum(1 for _ in plan.loads(target))
         if pa:
             count += sum(1 for _ in plan.pa_points(target))
-    return count + 1  # the limit
+    return count * plan.rounds + 1  # the limit
 
 
 def main(args: argparse.Namespace) -> int:
@@ -528,6 +541,7 @@ def main(args: argparse.Namespace) -> int:
             "instance_count": args.instance_count,
             "max_queue_delay_us": args.max_queue_delay_us,
             "default_threads": args.default_threads,
+            "rounds": plan.rounds,
         },
     }
     pa = None
@@ -576,40 +590,49 @@ def main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         # Stopped from outside: unwind, so that servers stop and what was measured is written.
         signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
+
+    def measure(target: str, round_index: int) -> None:
+        """Starts one server, drives every point against it, and stops it."""
+        base = "server" if target == "tiffin" else target
+        log = out / (f"{base}.log" if round_index == 0 else f"{base}.round{round_index}.log")
+        if target.startswith("tiffin"):
+            start = functools.partial(
+                servers.start_tiffin,
+                repositories[target],
+                plan.server_cpus,
+                log,
+                plan.models,
+                args.grpc_threads,
+                http=target != "tiffin-nohttp",
+                metrics=target != "tiffin-nometrics",
+            )
+        elif target in peers.PEERS:
+            start = functools.partial(
+                peers.start_peer, target, repository, plan.models, plan.server_cpus, log
+            )
+        else:
+            start = functools.partial(
+                servers.start_echo, target.removeprefix("echo-"), plan.server_cpus, log
+            )
+        display.start(f"starting {target}")
+        tag = {"round": round_index} if plan.rounds > 1 else {}
+        with _serving(start, target, plan.notes, stops) as server:
+            if server is None:
+                return
+            if target.startswith("tiffin") and round_index == 0:
+                # What the server chose where the config left it open, and why.
+                served[target] = servers.served_choices(server.url, plan.models)
+            _measure_server(plan, target, server, pa, display, journal, tag)
+
     try:
         with display:
             for note in plan.notes:  # what will not be measured, before the points
                 display.note(note)
-            for target in (t for t in plan.targets if t.startswith("tiffin")):
-                start = functools.partial(
-                    servers.start_tiffin,
-                    repositories[target],
-                    plan.server_cpus,
-                    out / ("server.log" if target == "tiffin" else f"{target}.log"),
-                    plan.models,
-                    args.grpc_threads,
-                    http=target != "tiffin-nohttp",
-                    metrics=target != "tiffin-nometrics",
-                )
-                display.start(f"starting serverctl serve ({target})")
-                with _serving(start, target, plan.notes, stops) as server:
-                    if server is not None:
-                        # What the server chose where the config left it open, and why.
-                        served[target] = servers.served_choices(server.url, plan.models)
-                        _measure_server(plan, target, server, pa, display, journal)
-            for target in (t for t in plan.targets if t in peers.PEERS):
-                start = functools.partial(
-                    peers.start_peer,
-                    target,
-                    repository,
-                    plan.models,
-                    plan.server_cpus,
-                    out / f"{target}.log",
-                )
-                display.start(f"starting peer {target}")
-                with _serving(start, target, plan.notes, stops) as server:
-                    if server is not None:
-                        _measure_server(plan, target, server, pa, display, journal)
+            ordered = [t for t in plan.targets if t.startswith("tiffin")]
+            ordered += [t for t in plan.targets if t in peers.PEERS]
+            echoes = [t for t in plan.targets if t.startswith("echo-")]
+            for target in ordered:
+                measure(target, 0)
             display.start("in-process limit")
             limits = run["limit"] = _measure_limit(plan, limit_repository)
             display.finish(
@@ -619,22 +642,14 @@ def main(args: argparse.Namespace) -> int:
                     for m, v in limits.items()
                 )
             )
-            for target in plan.targets:
-                if not target.startswith("echo-"):
-                    continue
-                with _serving(
-                    functools.partial(
-                        servers.start_echo,
-                        target.removeprefix("echo-"),
-                        plan.server_cpus,
-                        out / f"{target}.log",
-                    ),
-                    target,
-                    plan.notes,
-                    stops,
-                ) as server:
-                    if server is not None:
-                        _measure_server(plan, target, server, pa, display, journal)
+            for target in echoes:
+                measure(target, 0)
+            # Later rounds measure every server again, in reverse order every other round,
+            # so that a machine getting busier or quieter does not favour one server.
+            for round_index in range(1, plan.rounds):
+                sequence = ordered + echoes
+                for target in reversed(sequence) if round_index % 2 else sequence:
+                    measure(target, round_index)
     finally:
         run["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
         run["load_average"]["after"] = environment.load_average()

@@ -371,6 +371,39 @@ def test_side_by_side_verdicts():
     assert report.side_by_side(_side_by_side({"tiffin": (1, 1), "echo-aio": (2, 2)})) is None
 
 
+def test_side_by_side_takes_the_median_of_rounds():
+    """--rounds N: each cell is the median of the rounds' figures, shown with their range;
+    Tiffin's ratios follow the median."""
+    figures = {"tiffin": (900, 100, 1000), "fastapi": (950, 960, 970), "echo-aio": (2000,) * 3}
+    results = [
+        {"target": target, "model": "mlp", "mode": "unary", "concurrency": 1, "round": i,
+         "client": peers.PEER_CLIENTS.get(target, "lean"), "throughput": value}
+        for target, values in figures.items()
+        for i, value in enumerate(values)
+    ]  # fmt: skip
+    limits = {"mlp": {"best_items_per_s": 20000.0, "best_batch": 8, "batches": []}}
+    run = {
+        "started": "t",
+        "environment": {},
+        "settings": {"models": ["mlp"], "tiffin_config": "user", "rounds": 3, "warmup_s": 1,
+                     "duration_s": 1, "streams": 4},
+        "pinning": {"server_cpus": "1", "client_cpus": "0"},
+        "limit": limits,
+        "results": results,
+        "derived": report.derive(limits, results),
+    }  # fmt: skip
+    table = report.side_by_side(run)
+    assert table is not None
+    tiffin, fastapi = (row["cells"][0] for row in table["rows"])
+    assert tiffin["throughput"] == 900 and tiffin["rounds"] == [900, 100, 1000]
+    assert tiffin["ratio_limit"] == pytest.approx(900 / 20000)
+    assert fastapi["throughput"] == 960
+    assert table["verdicts"]["tiffin_ahead_of_peers"]["ahead"] is False
+    text = report.markdown(run)
+    assert "median of 3 rounds" in text and "| 900 (100–1,000) |" in text
+    assert "| mlp | unary | 1 (round 2) | 100 |" in text
+
+
 # ---- python -m benchmarks overload -------------------------------------------------------
 
 OVERLOAD_COUNTS = (
