@@ -17,12 +17,14 @@ HELP = "Print the change between two benchmark runs (run.json files)."
 
 def _key(r: dict) -> tuple:
     where = ("c", r["concurrency"]) if "concurrency" in r else ("rate", r.get("rate"))
-    return (r["target"], r["model"], r["mode"], r["client"], *where)
+    # A run with --rounds measures each point once per round (0 without rounds).
+    return (r["target"], r["model"], r["mode"], r["client"], *where, r.get("round", 0))
 
 
 def _label(key: tuple) -> str:
-    target, model, mode, client, kind, value = key
-    return f"{target} {model} {mode} {client} {kind}={value:g}"
+    target, model, mode, client, kind, value, round_index = key
+    rounds = f" round {round_index + 1}" if round_index else ""
+    return f"{target} {model} {mode} {client} {kind}={value:g}{rounds}"
 
 
 def _change(a: float | None, b: float | None) -> str:
@@ -83,7 +85,14 @@ def compare(a: dict, b: dict) -> str:
 
 
 def _dkey(d: dict) -> tuple[Any, ...]:
-    return (d.get("target", "tiffin"), d["model"], d["mode"], d["client"], d["concurrency"])
+    return (
+        d.get("target", "tiffin"),
+        d["model"],
+        d["mode"],
+        d["client"],
+        d["concurrency"],
+        d.get("round", 0),
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
