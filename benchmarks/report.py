@@ -468,6 +468,8 @@ def _bar(run: dict) -> list[str]:
     lines = ["## Against the bar (BENCHMARKS.md)", ""]
     for d in derived:
         where = f"{d['model']} {d['mode']} ({d['client']})"
+        if "round" in d:
+            where += f", round {d['round'] + 1}"
         if d["concurrency"] == top and d.get("ratio_ideal") is not None:
             ok = "meets" if d["ratio_ideal"] >= BAR_RATIO_IDEAL else "below"
             lines.append(
