@@ -67,6 +67,21 @@ class ServerProcess:
         cwd: Path | None = None,
     ) -> None:
         self.credentials = credentials  # for the health check of a TLS server
+        for attempt in range(1, 4):
+            self._launch(repository, extra, env, cwd)
+            try:
+                self.wait_serving()
+                return
+            except RuntimeError as exc:
+                # free_port's port can be taken by another process before the server binds
+                # it (a busy machine): the same server again, on other ports.
+                if attempt == 3 or "address already in use" not in str(exc):
+                    raise
+                self._log.close()
+
+    def _launch(
+        self, repository: Path, extra: tuple[str, ...], env: dict[str, str] | None, cwd: Path | None
+    ) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         # Every server gets its own HTTP port too: parallel servers never meet on 8000.
@@ -106,7 +121,6 @@ class ServerProcess:
                 **(env or {}),
             },
         )
-        self.wait_serving()
 
     def wait_serving(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
