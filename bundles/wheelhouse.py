@@ -19,9 +19,18 @@ import tiffin.server
 
 from .archive import MTIME
 
-# What a source tree holds besides the source: version control, caches, earlier builds.
+# What a source tree holds besides the source: version control, caches, earlier builds, and
+# the benchmark peers' virtual environments (hundreds of MB).
 _NOT_SOURCE = shutil.ignore_patterns(
-    ".git", "__pycache__", "*.egg-info", "build", "dist", ".venv", ".*_cache", "tests"
+    ".git",
+    "__pycache__",
+    "*.egg-info",
+    "build",
+    "dist",
+    ".venv",
+    ".*_cache",
+    "tests",
+    ".peers-venv*",
 )
 
 

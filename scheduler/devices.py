@@ -35,7 +35,7 @@ def _tell_no_gpu() -> None:
     """Says once per process that `auto` instances run on the CPU (not once per model)."""
     if not _told_no_gpu.is_set():
         _told_no_gpu.set()
-        log.warning(
+        log.info(
             "no GPU available: instances of kind auto run on the CPU (inline or in worker "
             "processes, as timing each model at load decides)"
         )

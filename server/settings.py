@@ -62,6 +62,12 @@ class ServerSettings(BaseModel):
         description="Largest JSON part of an HTTP inference request, in bytes (Triton's "
         "--http-max-input-size); larger tensors travel binary.",
     )
+    cpu_scheduling: Literal["batch", "normal"] = Field(
+        "batch",
+        description="Linux scheduling policy of the server's threads and workers: batch "
+        "(SCHED_BATCH: a thread woken by another does not take its core at once; under load "
+        "that spares a switch to a thread that would only wait for Python's lock) or normal.",
+    )
     grpc_threads: int = Field(
         256,
         ge=1,
@@ -326,12 +332,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...
         required = field.is_required() and env is None
         help_text = f"{field.description} [env {ENV_PREFIX}{name.upper()}]"
         if get_origin(field.annotation) is tuple:  # a repeatable flag
-            parser.add_argument(
-                flag,
-                action="append",
-                default=None,
-                help=help_text,
-            )
+            parser.add_argument(flag, action=_Repeated, default=None, help=help_text)
             parser.set_defaults(**{name: _listed(env)})
         elif field.annotation is bool:
             parser.add_argument(
@@ -347,6 +348,24 @@ def add_settings_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...
                 required=required,
                 help=help_text + ("" if required else f" (default: {default})"),
             )
+
+
+class _Repeated(argparse.Action):
+    """A repeatable flag: its values on the command line replace its variable's items (the
+    default), rather than adding to them."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        marker = f"_{self.dest}_given"
+        given = getattr(namespace, marker, False)
+        items = list(getattr(namespace, self.dest) or []) if given else []
+        setattr(namespace, self.dest, [*items, values])
+        setattr(namespace, marker, True)
 
 
 def _listed(env: str | None) -> list[str] | None:

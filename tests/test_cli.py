@@ -118,7 +118,7 @@ instance_group: [{kind: auto}]
 
 
 def test_no_gpu_is_said_once_per_process(make_server, tmp_path: Path) -> None:
-    """Several `kind: auto` models on a machine without a GPU: one warning, not one each."""
+    """Several `kind: auto` models on a machine without a GPU: one line, not one each."""
     from tiffin.scheduler.devices import visible_gpus
 
     if visible_gpus():
@@ -126,3 +126,18 @@ def test_no_gpu_is_said_once_per_process(make_server, tmp_path: Path) -> None:
     server = make_server(write_repository(tmp_path / "models", {"a": AUTO, "b": AUTO, "c": AUTO}))
     log = server.log()
     assert log.count("no GPU available: instances of kind auto run on the CPU") == 1, log
+
+
+def test_a_repeated_flag_replaces_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--load-model a` with TIFFIN_LOAD_MODEL=* loads a, not every model."""
+    import argparse
+
+    from tiffin.server.settings import add_settings_arguments
+
+    monkeypatch.setenv("TIFFIN_LOAD_MODEL", "*,b")
+    monkeypatch.setenv("TIFFIN_MODEL_REPOSITORY", "models")
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    assert parser.parse_args([]).load_model == ["*", "b"]
+    assert parser.parse_args(["--load-model", "a"]).load_model == ["a"]
+    assert parser.parse_args(["--load-model", "a", "--load-model", "c"]).load_model == ["a", "c"]
