@@ -75,7 +75,7 @@ class ServerProcess:
             except RuntimeError as exc:
                 # free_port's port can be taken by another process before the server binds
                 # it (a busy machine): the same server again, on other ports.
-                if attempt == 3 or "address already in use" not in str(exc):
+                if attempt == 3 or "address already in use" not in str(exc).lower():
                     raise
                 self._log.close()
 
