@@ -18,20 +18,9 @@ from typing import Any
 
 import bentoml
 import numpy as np
+from onnx_session import INPUT, OUTPUT, load_session
 
-INPUT, OUTPUT = "INPUT0", "OUTPUT0"
 MAX_BATCH_SIZE = 32
-
-
-def load_session(model_file: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
 
 def _api(name: str) -> Callable[..., Any]:

@@ -22,21 +22,7 @@ from typing import Any
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations as
 # objects (Request, bytes) to tell what each parameter is.
-
-INPUT, OUTPUT = "INPUT0", "OUTPUT0"
-
-
-def load_session(model_file: Path) -> Any:
-    """An onnxruntime session on one intra-op thread, spinning off (the core is shared with
-    the HTTP server's own work)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+from onnx_session import INPUT, OUTPUT, load_session
 
 
 def make_endpoint(session: Any) -> Callable[..., Any]:

@@ -14,23 +14,14 @@ from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
 from mlserver.types import InferenceRequest, InferenceResponse
 from mlserver.utils import get_model_uri
-
-INPUT, OUTPUT = "INPUT0", "OUTPUT0"
+from onnx_session import INPUT, OUTPUT, load_session
 
 
 class OnnxRuntimeModel(MLModel):
     """One ONNX model (parameters.uri), one intra-op thread, spinning off."""
 
     async def load(self) -> bool:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        uri = await get_model_uri(self.settings)
-        self._session: Any = ort.InferenceSession(uri, options, providers=["CPUExecutionProvider"])
+        self._session: Any = load_session(await get_model_uri(self.settings))
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
