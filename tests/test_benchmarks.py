@@ -38,15 +38,13 @@ def _finite(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bench")
+def _tiny_run(out: Path, *flags: str, timeout: float) -> Path:
+    """`python -m benchmarks run` with `flags` at one mlp point, 1 s long, into `out`."""
     server_cpus, client_cpus = _cpus()
     command = [
-        sys.executable, "-m", "benchmarks", "run",
+        sys.executable, "-m", "benchmarks", "run", *flags,
         "--models", "mlp",
         "--concurrency", "1",
-        "--modes", "unary,streaming",
         "--clients", "lean",
         "--server-cpus", server_cpus,
         "--client-cpus", client_cpus,
@@ -56,9 +54,14 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--out", str(out),
         "--model-repository", str(out / "models"),
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=100)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout + done.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_run(tmp_path_factory.mktemp("bench"), "--modes", "unary,streaming", timeout=100)
 
 
 @pytest.mark.timeout(150)
@@ -201,24 +204,7 @@ def side_by_side_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One point per server: Tiffin as a user configures it, hand-tuned, the peers that can
     run here (FastAPI from the test extra; MLServer and BentoML only from their own venvs),
     echo, limit."""
-    out = tmp_path_factory.mktemp("side")
-    server_cpus, client_cpus = _cpus()
-    command = [
-        sys.executable, "-m", "benchmarks", "run", "--side-by-side",
-        "--models", "mlp",
-        "--concurrency", "1",
-        "--clients", "lean",
-        "--server-cpus", server_cpus,
-        "--client-cpus", client_cpus,
-        "--duration", "1",
-        "--warmup", "0.3",
-        "--limit-seconds", "0.05",
-        "--out", str(out),
-        "--model-repository", str(out / "models"),
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=140)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return out
+    return _tiny_run(tmp_path_factory.mktemp("side"), "--side-by-side", timeout=140)
 
 
 @pytest.mark.timeout(180)
