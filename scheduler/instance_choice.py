@@ -34,9 +34,10 @@ log = logging.getLogger(__name__)
 
 # A worker is kept while its hand-off costs less than this share of the model's own call.
 HAND_OFF_SHARE = 0.02
-TIMED_RUNS = 15  # after one untimed run, which pays for first-call initialisation
-MIN_TIMED_RUNS = 3
-TIMING_SECONDS = 3.0  # at most, past the minimum: a slow model is timed fewer times
+TIMED_RUNS = 15  # after a first run, which pays for first-call initialisation
+TIMING_SECONDS = 3.0  # runs stop after this: a slow model is timed fewer times
+# A first call that never returns would hold the load forever: it fails the load instead.
+TIMING_LIMIT_SECONDS = 300.0
 # The parameter saying how the instances were placed and why (ModelConfig shows it).
 CHOICE_NOTE = "instance_choice"
 
@@ -87,24 +88,28 @@ def timing_request(key: ModelKey, config: ModelConfig) -> InferenceRequest:
     )
 
 
+async def _timed(worker: Instance, request: InferenceRequest) -> tuple[int, int]:
+    """One run of `request` on `worker`: (hand-off, backend call) in nanoseconds."""
+    begin = time.perf_counter_ns()
+    execution = await worker.execute([request], request.outputs)
+    round_trip = time.perf_counter_ns() - begin
+    return max(round_trip - execution.infer_ns, 0), execution.infer_ns
+
+
 async def time_worker(worker: Instance, request: InferenceRequest) -> tuple[float, float]:
     """(hand-off, backend call) in nanoseconds for `request` on `worker`: the least
     hand-off seen over the timed runs (waiting for a busy core only ever adds to it, so the
-    least is the cost itself) and the median call. Raises what the worker raises."""
-    await worker.execute([request], request.outputs)  # first calls initialise lazily
-    hand_offs: list[int] = []
-    calls: list[int] = []
-    started = time.monotonic()
-    while len(calls) < TIMED_RUNS:
-        if len(calls) >= MIN_TIMED_RUNS and time.monotonic() - started > TIMING_SECONDS:
-            break
-        begin = time.perf_counter_ns()
-        execution = await worker.execute([request], request.outputs)
-        round_trip = time.perf_counter_ns() - begin
-        calls.append(execution.infer_ns)
-        hand_offs.append(max(round_trip - execution.infer_ns, 0))
-        del execution  # its outputs view the worker's arena
-    return min(hand_offs), statistics.median(calls)
+    least is the cost itself) and the median call. Runs stop after `TIMING_SECONDS`; a model
+    whose first call takes longer is judged by that call alone (a hand-off is noise beside
+    it). Raises what the worker raises."""
+    deadline = time.monotonic() + TIMING_SECONDS
+    first = await _timed(worker, request)  # first calls initialise lazily
+    runs: list[tuple[int, int]] = []
+    while len(runs) < TIMED_RUNS and time.monotonic() < deadline:
+        runs.append(await _timed(worker, request))
+    if not runs:
+        return first
+    return min(h for h, _ in runs), statistics.median(c for _, c in runs)
 
 
 class InstanceChooser:
@@ -136,7 +141,15 @@ class InstanceChooser:
         is loaded already; those loaded here are unloaded again if one fails to load."""
         measured = next(i for i in instances if i.name == self.names[0])
         try:
-            choice = decide(*await time_worker(measured, timing_request(self.key, self.config)))
+            async with asyncio.timeout(TIMING_LIMIT_SECONDS):
+                timed = await time_worker(measured, timing_request(self.key, self.config))
+            choice = decide(*timed)
+        except TimeoutError:  # the worker is still busy with it: this load cannot go on
+            raise RuntimeError(
+                f"a batch-1 request of zeros did not finish within {TIMING_LIMIT_SECONDS:g} s "
+                "while kind auto timed the model; give the model's instance_group a kind "
+                "(cpu or inline) to skip the timing"
+            ) from None
         except Exception as exc:  # the model may refuse zeros: keep the safe choice
             message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             choice = InstanceChoice(False, f"worker processes: timing a batch failed ({message})")

@@ -8,8 +8,10 @@ whose code holds the GIL and may crash, is never measured.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,11 +20,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models import _save, identity, write_model
 from tiffin.protos.model_config import ModelConfig
+from tiffin.scheduler import instance_choice
 from tiffin.scheduler.arena import SHM_DIR
 from tiffin.scheduler.instance_choice import (
     CHOICE_NOTE,
     HAND_OFF_SHARE,
+    InstanceChooser,
     decide,
+    time_worker,
     timing_request,
 )
 from tiffin.scheduler.request import ModelKey
@@ -165,3 +170,48 @@ def test_an_explicit_kind_is_kept(make_server, tmp_path: Path, kind: str) -> Non
     assert _choice(tc.InferenceServerClient(server.url), "small") == ""
     assert len(_children(server.proc.pid)) == (1 if kind == "cpu" else 0)
     assert "kind auto runs" not in server.log()
+
+
+class _FakeWorker:
+    """Stands in for a worker instance: each run sleeps `seconds`, all of it the call."""
+
+    def __init__(self, seconds: float) -> None:
+        self.name, self.device, self.runs, self.seconds = "m_1_0", None, 0, seconds
+        self.unloaded = False
+
+    async def execute(self, requests: list, outputs: list) -> SimpleNamespace:
+        self.runs += 1
+        await asyncio.sleep(self.seconds)
+        return SimpleNamespace(infer_ns=int(self.seconds * 1e9))
+
+    async def unload(self) -> None:
+        self.unloaded = True
+
+
+def _chooser() -> InstanceChooser:
+    config = ModelConfig.model_validate(
+        {
+            "name": "m",
+            "backend": "onnxruntime",
+            "max_batch_size": 4,
+            "inputs": [{"name": "X", "datatype": "FP32", "dims": [2]}],
+            "outputs": [{"name": "Y", "datatype": "FP32", "dims": [2]}],
+        }
+    )
+    return InstanceChooser(ModelKey("m", 1), config, ["m_1_0"], lambda name, device: None)
+
+
+def test_a_slow_first_call_ends_the_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(instance_choice, "TIMING_SECONDS", 0.2)
+    worker = _FakeWorker(0.3)  # the first call alone outlasts the timing budget
+    hand_off, call = asyncio.run(
+        time_worker(worker, timing_request(ModelKey("m", 1), _chooser().config))
+    )
+    assert worker.runs == 1 and call == 0.3e9 and hand_off < 0.1e9
+
+
+def test_a_timing_call_that_never_returns_fails_the_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(instance_choice, "TIMING_LIMIT_SECONDS", 0.2)
+    worker = _FakeWorker(3600)
+    with pytest.raises(RuntimeError, match="did not finish within 0.2 s.*give the model's"):
+        asyncio.run(_chooser().settle([worker]))
