@@ -2,6 +2,7 @@
 
 from .context import RequestContext
 from .executor import Executor
+from .pending import Pending
 from .request import InferenceRequest, InferenceResponse, ModelKey
 from .scheduler import Scheduler
 from .statistics import ModelStatistics
@@ -12,6 +13,7 @@ __all__ = [
     "InferenceResponse",
     "ModelKey",
     "ModelStatistics",
+    "Pending",
     "RequestContext",
     "Scheduler",
 ]

@@ -9,36 +9,32 @@ own batch, in arrival order.
 Requests leave a queue without running when their client's deadline passes
 (DEADLINE_EXCEEDED), their queue timeout expires (REJECT: UNAVAILABLE; DELAY: they
 move behind every request that has not expired), or their caller is cancelled.
+
+The queues are shared between threads: front doors put requests from their own threads,
+an inline instance's thread waits for its next batch with `wait_batch`, and a worker
+instance's task on the event loop with `next_batch`. One lock guards them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
-from tiffin.protos.errors import DeadlineExceeded, InvalidInput, QueueFull, RequestTimeout
+from tiffin.protos.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    QueueFull,
+    RequestTimeout,
+    TiffinError,
+)
 from tiffin.protos.model_config import ModelConfig, QueuePolicy
 
-from .request import InferenceRequest, InferenceResponse, ModelKey
-
-
-@dataclass(eq=False)
-class Entry:
-    """A queued request and the future its caller awaits."""
-
-    request: InferenceRequest
-    future: asyncio.Future[InferenceResponse]
-    level: int
-    delayed: bool = False  # its queue timeout expired under timeout_action DELAY
-    queued: bool = True  # False once dispatched or dropped
-    timers: list[asyncio.TimerHandle] = field(default_factory=list)
-
-    @property
-    def shape_key(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
-        return tuple((n, a.shape[1:]) for n, a in self.request.inputs.items())
+from .pending import Pending
+from .request import InferenceRequest, ModelKey
+from .timers import TIMERS
 
 
 def _int_parameter(request: InferenceRequest, key: str) -> int | None:
@@ -46,8 +42,13 @@ def _int_parameter(request: InferenceRequest, key: str) -> int | None:
     return None if value is None else int(value)
 
 
+def _shape_key(pending: Pending) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((n, a.shape[1:]) for n, a in pending.request.inputs.items())
+
+
 class DynamicBatcher:
-    """Queues for one model version; `put` enqueues, `next_batch` waits for a batch."""
+    """Queues for one model version; `put` enqueues (any thread), `wait_batch` (a thread)
+    and `next_batch` (a task on the event loop) wait for a batch."""
 
     def __init__(self, key: ModelKey, config: ModelConfig) -> None:
         self._key = key
@@ -71,9 +72,19 @@ class DynamicBatcher:
             )
             for level in range(1, self._levels + 1)
         }
-        self._queues: dict[int, deque[Entry]] = {lv: deque() for lv in self._policies}
+        self._queues: dict[int, deque[Pending]] = {lv: deque() for lv in self._policies}
         self._sizes = dict.fromkeys(self._policies, 0)
-        self._arrived = asyncio.Event()
+        self._lock = threading.Lock()
+        # Serving threads waiting for a batch, and serving tasks on the event loop.
+        self._arrived = threading.Condition(self._lock)
+        self._threads_waiting = 0
+        self._tasks_waiting = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._task_event: asyncio.Event | None = None
+        self._wake_scheduled = False  # a wake of the waiting tasks is on its way to the loop
+        self._closed: TiffinError | None = None  # why puts are refused, once they are
+        self._serving = True
 
     def queued(self) -> int:
         return sum(self._sizes.values())
@@ -82,34 +93,47 @@ class DynamicBatcher:
         """Requests waiting, by priority level."""
         return dict(self._sizes)
 
-    def put(self, request: InferenceRequest) -> asyncio.Future[InferenceResponse]:
-        """Enqueues a request; raises QueueFull when its level's queue is at max_queue_size."""
-        loop = asyncio.get_running_loop()
+    # ---- putting requests in (any thread) ----------------------------------------------------
+
+    def put(self, pending: Pending) -> None:
+        """Queues a request. Raises QueueFull when its level's queue is at max_queue_size,
+        and the error `close` was given once the queues are closed."""
+        request = pending.request
         level = self._level_of(request)
         policy = self._policies[level]
-        if policy.max_queue_size and self._sizes[level] >= policy.max_queue_size:
-            raise QueueFull(
-                f"Exceeds maximum queue size: model '{self._key.name}' already has "
-                f"{policy.max_queue_size} requests waiting at priority level {level}"
-            )
-        entry = Entry(request, loop.create_future(), level)
+        expiries: list[tuple[float, Any]] = []
         timeout_us = policy.default_timeout_microseconds
         requested = _int_parameter(request, "timeout")
         if requested is not None and requested > 0 and policy.allow_timeout_override:
             timeout_us = requested
         if timeout_us:
-            expires = request.arrival_ns / 1e9 + timeout_us / 1e6
             action = self._reject if policy.timeout_action == "REJECT" else self._delay_entry
-            entry.timers.append(loop.call_at(_loop_time(loop, expires), action, entry))
+            expiries.append((request.arrival_ns / 1e9 + timeout_us / 1e6, action))
         if request.deadline is not None:
-            entry.timers.append(
-                loop.call_at(_loop_time(loop, request.deadline), self._deadline_passed, entry)
-            )
-        entry.future.add_done_callback(lambda _: self._leave(entry))
-        self._queues[level].append(entry)
-        self._sizes[level] += 1
-        self._arrived.set()
-        return entry.future
+            expiries.append((request.deadline, self._deadline_passed))
+        wake_tasks = False
+        with self._lock:
+            if self._closed is not None:
+                raise self._closed
+            if policy.max_queue_size and self._sizes[level] >= policy.max_queue_size:
+                raise QueueFull(
+                    f"Exceeds maximum queue size: model '{self._key.name}' already has "
+                    f"{policy.max_queue_size} requests waiting at priority level {level}"
+                )
+            pending.level = level
+            pending.queued = True
+            pending.cancel_hook = self.cancel
+            pending.timers = [TIMERS.at(when, action, pending) for when, action in expiries]
+            self._queues[level].append(pending)
+            self._sizes[level] += 1
+            if self._threads_waiting:
+                self._arrived.notify()
+            elif self._tasks_waiting and not self._wake_scheduled:
+                self._wake_scheduled = wake_tasks = True
+        if wake_tasks:
+            self._wake_tasks()
+        if pending.cancelled:  # its caller went away before the hook was in place
+            self.cancel(pending)
 
     def _level_of(self, request: InferenceRequest) -> int:
         priority = _int_parameter(request, "priority")
@@ -120,104 +144,195 @@ class DynamicBatcher:
             return self._default_level
         return priority
 
-    async def next_batch(self) -> list[Entry]:
-        """Waits for the next batch; its entries have left the queue."""
-        while True:
-            plan, blocked = self._plan()
-            if not plan:
-                self._arrived.clear()
-                await self._arrived.wait()
-                continue
-            if not self._combine:
-                return self._dispatch(plan[:1])
-            rows = sum(e.request.batch_size for e in plan)
-            oldest = min(e.request.arrival_ns for e in plan) / 1e9
-            wait = oldest + self._delay - time.monotonic()
-            full = rows >= self._max_rows or blocked
-            if self._preferred and rows >= self._preferred[0]:
-                # Cut at the largest preferred size the queued rows reach exactly.
-                cut, total = 0, 0
-                for i, entry in enumerate(plan):
-                    total += entry.request.batch_size
-                    if total in self._preferred:
-                        cut = i + 1
-                if cut and (total >= self._preferred[-1] or full):
-                    return self._dispatch(plan[:cut])
-            if full or wait <= 0:
-                return self._dispatch(plan)
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), wait)
-            except TimeoutError:
-                pass
+    def _wake_tasks(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._set_task_event()
+        else:
+            loop.call_soon_threadsafe(self._set_task_event)
 
-    def _plan(self) -> tuple[list[Entry], bool]:
-        """The entries the next batch would take now, in service order, and whether the
+    def _set_task_event(self) -> None:  # on the loop
+        with self._lock:
+            self._wake_scheduled = False
+        if self._task_event is not None:
+            self._task_event.set()
+
+    # ---- taking batches out -------------------------------------------------------------------
+
+    def wait_batch(self) -> list[Pending] | None:
+        """For a serving thread: blocks until the next batch (its requests have left the
+        queue); None once `stop_serving` was called."""
+        with self._lock:
+            while self._serving:
+                batch, wait = self._take()
+                if batch:
+                    return batch
+                self._threads_waiting += 1
+                try:
+                    self._arrived.wait(wait)
+                finally:
+                    self._threads_waiting -= 1
+            return None
+
+    async def next_batch(self) -> list[Pending]:
+        """For a serving task on the event loop: waits for the next batch."""
+        if self._task_event is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
+            self._task_event = asyncio.Event()
+        event = self._task_event
+        while True:
+            with self._lock:
+                batch, wait = self._take()
+                if batch:
+                    return batch
+                event.clear()
+                self._tasks_waiting += 1
+            try:
+                if wait is None:
+                    await event.wait()
+                else:
+                    try:
+                        await asyncio.wait_for(event.wait(), wait)
+                    except TimeoutError:
+                        pass
+            finally:
+                with self._lock:
+                    self._tasks_waiting -= 1
+
+    def _take(self) -> tuple[list[Pending], float | None]:
+        """Under the lock: the batch to run now, or none and how long until the oldest
+        queued request's delay runs out (None: until a request arrives)."""
+        plan, blocked = self._plan()
+        if not plan:
+            return plan, None
+        if not self._combine:
+            return self._dispatch(plan[:1]), None
+        rows = sum(p.request.batch_size for p in plan)
+        full = rows >= self._max_rows or blocked
+        if self._preferred and rows >= self._preferred[0]:
+            # Cut at the largest preferred size the queued rows reach exactly.
+            cut, total = 0, 0
+            for i, pending in enumerate(plan):
+                total += pending.request.batch_size
+                if total in self._preferred:
+                    cut = i + 1
+            if cut and (total >= self._preferred[-1] or full):
+                return self._dispatch(plan[:cut]), None
+        if full or not self._delay:
+            return self._dispatch(plan), None
+        oldest = min(p.request.arrival_ns for p in plan) / 1e9
+        wait = oldest + self._delay - time.monotonic()
+        if wait <= 0:
+            return self._dispatch(plan), None
+        return [], wait
+
+    def _plan(self) -> tuple[list[Pending], bool]:
+        """The requests the next batch would take now, in service order, and whether the
         request next in line was left out because it does not fit this batch."""
-        plan: list[Entry] = []
+        plan: list[Pending] = []
         rows = 0
+        shape = None
         for delayed in (False, True):
             for level in sorted(self._queues):
                 queue = self._queues[level]
                 while queue and not queue[0].queued:
                     queue.popleft()  # dropped while waiting
-                for entry in queue:
-                    if not entry.queued or entry.delayed != delayed:
+                for pending in queue:
+                    if not pending.queued or pending.delayed != delayed:
                         continue
-                    if plan and (
-                        not self._combine
-                        or rows + entry.request.batch_size > self._max_rows
-                        or entry.shape_key != plan[0].shape_key
-                    ):
-                        return plan, True
-                    plan.append(entry)
-                    rows += entry.request.batch_size
+                    if plan:
+                        if (
+                            not self._combine
+                            or rows + pending.request.batch_size > self._max_rows
+                            or _shape_key(pending) != shape
+                        ):
+                            return plan, True
+                    else:
+                        shape = _shape_key(pending)
+                    plan.append(pending)
+                    rows += pending.request.batch_size
         return plan, False
 
-    def _dispatch(self, entries: list[Entry]) -> list[Entry]:
-        for entry in entries:
-            self._leave(entry)
-        return entries
+    def _dispatch(self, batch: list[Pending]) -> list[Pending]:
+        for pending in batch:
+            self._leave(pending)
+        return batch
 
-    def _leave(self, entry: Entry) -> None:
-        """The entry stops counting against its queue (dispatched, failed or cancelled)."""
-        if not entry.queued:
+    def _leave(self, pending: Pending) -> None:
+        """Under the lock: the request stops counting against its queue."""
+        if not pending.queued:
             return
-        entry.queued = False
-        self._sizes[entry.level] -= 1
-        for timer in entry.timers:
+        pending.queued = False
+        pending.cancel_hook = None
+        self._sizes[pending.level] -= 1
+        for timer in pending.timers:
             timer.cancel()
+        pending.timers = []
 
-    def _reject(self, entry: Entry) -> None:
-        if entry.queued and not entry.future.done():
-            entry.future.set_exception(
-                RequestTimeout(
-                    f"Request timeout expired: the request waited in model '{self._key.name}''s "
-                    "queue longer than its timeout"
-                )
-            )
+    # ---- requests that leave without running --------------------------------------------------
 
-    def _delay_entry(self, entry: Entry) -> None:
-        entry.delayed = True
+    def cancel(self, pending: Pending) -> None:
+        """Its caller went away: it leaves the queue, answered as cancelled. A request
+        already taken into a batch is left to finish."""
+        with self._lock:
+            if not pending.queued:
+                return
+            self._leave(pending)
+        pending.finish_cancelled()
 
-    def _deadline_passed(self, entry: Entry) -> None:
-        if entry.queued and not entry.future.done():
-            entry.future.set_exception(
-                DeadlineExceeded(
-                    f"the client's deadline passed while the request waited for model "
-                    f"'{self._key.name}'"
-                )
-            )
+    def _drop(self, pending: Pending, error: TiffinError) -> None:
+        with self._lock:
+            if not pending.queued:
+                return
+            self._leave(pending)
+        pending.finish(None, error)
 
-    def fail_all(self, error: Exception) -> None:
+    def _reject(self, pending: Pending) -> None:  # on the timer thread
+        self._drop(
+            pending,
+            RequestTimeout(
+                f"Request timeout expired: the request waited in model '{self._key.name}''s "
+                "queue longer than its timeout"
+            ),
+        )
+
+    def _delay_entry(self, pending: Pending) -> None:  # on the timer thread
+        with self._lock:
+            if pending.queued:
+                pending.delayed = True
+
+    def _deadline_passed(self, pending: Pending) -> None:  # on the timer thread
+        self._drop(
+            pending,
+            DeadlineExceeded(
+                f"the client's deadline passed while the request waited for model "
+                f"'{self._key.name}'"
+            ),
+        )
+
+    def fail_all(self, error: TiffinError) -> None:
         """Fails every queued request (no instance can run them)."""
-        for queue in self._queues.values():
-            for entry in list(queue):
-                if entry.queued and not entry.future.done():
-                    entry.future.set_exception(error)
-            queue.clear()
+        with self._lock:
+            failed = [p for queue in self._queues.values() for p in queue if p.queued]
+            for pending in failed:
+                self._leave(pending)
+            for queue in self._queues.values():
+                queue.clear()
+        for pending in failed:
+            pending.finish(None, error)
 
+    # ---- closing --------------------------------------------------------------------------------
 
-def _loop_time(loop: asyncio.AbstractEventLoop, monotonic_seconds: float) -> float:
-    """Converts a time.monotonic() instant to the loop's clock."""
-    return loop.time() + (monotonic_seconds - time.monotonic())
+    def close(self, error: TiffinError) -> None:
+        """From now on `put` raises `error`; what is queued stays to be served."""
+        with self._lock:
+            self._closed = error
+
+    def stop_serving(self) -> None:
+        """Serving threads return from `wait_batch` (None) instead of waiting."""
+        with self._lock:
+            self._serving = False
+            self._arrived.notify_all()

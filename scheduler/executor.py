@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import numpy as np
@@ -13,11 +16,12 @@ from tiffin.protos.errors import BackendError, InvalidInput, ModelNotReady, Tiff
 from tiffin.protos.model_config import ModelConfig
 
 from .admission import ServiceRate
-from .batcher import DynamicBatcher, Entry
-from .context import Trace
+from .batcher import DynamicBatcher
+from .context import BatchTrace, Trace
 from .drift import DriftMonitor
-from .instance import Execution, Instance
+from .instance import Execution, InlineInstance, Instance
 from .instance_choice import InstanceChooser, with_choice
+from .pending import Pending
 from .request import InferenceRequest, InferenceResponse, ModelKey
 from .statistics import InstanceState, LiveState, ModelStatistics
 
@@ -42,7 +46,14 @@ class Executor(Protocol):
 
 
 class ModelExecutor:
-    """Serves one model version. A request fails alone: results are per request."""
+    """Serves one model version. A request fails alone: results are per request.
+
+    Front doors queue requests from their own threads (`submit`); the event loop's callers
+    (pipelines, warm-up) use `enqueue`. An inline instance serves from a thread of its
+    own, which takes each batch from the queue, runs it and answers its requests: a
+    request crosses threads twice, with no event loop in its way. A worker instance
+    serves from a task on the event loop, which the worker's pipe wakes.
+    """
 
     def __init__(
         self,
@@ -60,16 +71,20 @@ class ModelExecutor:
         self._rate = ServiceRate(key)
         self._instances = instances
         self._tasks: list[asyncio.Task[None]] = []
+        self._threads: list[threading.Thread] = []
         # Serving tasks parked in next_batch (nothing taken from the queue yet), by instance
         # name, and those of them interrupted because their instance died while idle.
         self._idle: dict[str, asyncio.Task[None]] = {}
         self._interrupted: set[str] = set()
+        # Why requests cannot wait for an instance (see instances_changed), or None.
+        self._no_instance: ModelNotReady | None = None
+        # Batches and requests running, and per instance the nanoseconds spent running
+        # batches and when its current batch began; changed by every serving thread.
+        self._counting = threading.Lock()
         self._running = 0
         self._running_requests = 0
-        # Per instance: nanoseconds spent running batches, and when its current batch began.
         self._busy_ns: dict[str, int] = {}
         self._busy_since: dict[str, int] = {}
-        self._closed = False
         self.statistics.live_state = self.live_state
         self._monitor = monitor
         self._chooser = chooser
@@ -119,10 +134,22 @@ class ModelExecutor:
             if self._monitor is not None:
                 self._monitor.stop()
             raise failures[0]
-        self._tasks = [asyncio.create_task(self._serve(i)) for i in self._instances]
+        for instance in self._instances:
+            if isinstance(instance, InlineInstance):
+                thread = threading.Thread(
+                    target=self._serve_inline,
+                    args=(instance,),
+                    name=f"inline-{instance.name}",
+                    daemon=True,
+                )
+                self._threads.append(thread)
+                thread.start()
+            else:
+                self._tasks.append(asyncio.create_task(self._serve(instance)))
 
     def instances_changed(self) -> None:
-        """Called by instances when one dies, fails to restart, or comes back."""
+        """Called by instances (on the event loop) when one dies, fails to restart, or
+        comes back."""
         for instance in self._instances:
             task = None if instance.alive else self._idle.pop(instance.name, None)
             if task is not None:
@@ -130,7 +157,7 @@ class ModelExecutor:
                 # queued for a live instance instead of going to this dead one.
                 self._interrupted.add(instance.name)
                 task.cancel()
-        error = self._unavailable()
+        self._no_instance = error = self._unavailable()
         if self._tasks and error is not None:
             self._batcher.fail_all(error)
 
@@ -150,16 +177,30 @@ class ModelExecutor:
             + "; ".join(f for f in failures if f)
         )
 
-    def enqueue(self, request: InferenceRequest) -> asyncio.Future[InferenceResponse]:
-        """Queues a request; the future of its response. Raises when it cannot be queued."""
-        if self._closed:
-            raise ModelNotReady(f"model '{self.key.name}' version {self.key.version} is unloading")
-        error = self._unavailable()
+    def submit(self, pending: Pending) -> None:
+        """Queues a request, from any thread; its answer comes through `pending`. Raises
+        when it cannot be queued: ModelNotReady once the version is unloading."""
+        error = self._no_instance
         if error is not None:
             raise error
-        self.admit(request.deadline)
-        future = self._batcher.put(request)
+        request = pending.request
+        if request.deadline is not None:
+            self.admit(request.deadline)
+        self._batcher.put(pending)
         request.timeline.stamp("queued")
+
+    def enqueue(self, request: InferenceRequest) -> asyncio.Future[InferenceResponse]:
+        """For callers on the event loop: queues a request; the future of its response.
+        Raises when it cannot be queued. Cancelling the future drops the request."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[InferenceResponse] = loop.create_future()
+
+        def answered(pending: Pending) -> None:  # on the thread that answered it
+            loop.call_soon_threadsafe(_settle, future, pending)
+
+        pending = Pending(request, answered)
+        self.submit(pending)
+        future.add_done_callback(lambda f: pending.cancel() if f.cancelled() else None)
         return future
 
     def admit(self, deadline: float | None) -> None:
@@ -171,7 +212,9 @@ class ModelExecutor:
 
     async def stop(self) -> None:
         """Stops taking requests, finishes those queued and running, then unloads."""
-        self._closed = True
+        self._batcher.close(
+            ModelNotReady(f"model '{self.key.name}' version {self.key.version} is unloading")
+        )
         while self._batcher.queued() or self._running:
             if not any(i.alive for i in self._instances):
                 # Waiting for a restart would hold up the unload: fail what is queued.
@@ -182,15 +225,41 @@ class ModelExecutor:
                     )
                 )
             await asyncio.sleep(0.005)
+        self._batcher.stop_serving()
         self._interrupted.clear()  # these cancellations end the tasks
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        for thread in self._threads:
+            await loop.run_in_executor(None, thread.join)
         await asyncio.gather(*(i.unload() for i in self._instances), return_exceptions=True)
         if self._monitor is not None:
             self._monitor.stop()
 
+    def _serve_inline(self, instance: InlineInstance) -> None:
+        """An inline instance's thread: runs batches until the version stops."""
+        while True:
+            batch = self._batcher.wait_batch()
+            if batch is None:
+                return
+            entries = self._begin(instance, batch)
+            if not entries:
+                continue
+            started = time.monotonic_ns()
+            try:
+                runnable = self._admitted(entries, started)
+                if runnable:
+                    self._run_now(instance, runnable)
+                    self._ran(instance, len(runnable), started)
+            except Exception:  # a bug here must not stop the instance serving
+                log.exception("model '%s': batch failed unexpectedly", self.key.name)
+                self._fail(entries, BackendError("the server failed while running this batch"))
+            finally:
+                self._end(instance, entries, started)
+
     async def _serve(self, instance: Instance) -> None:
+        """A worker instance's task: runs batches until the version stops."""
         task = asyncio.current_task()
         assert task is not None
         while True:
@@ -208,26 +277,42 @@ class ModelExecutor:
                 # result instead): that batch then fails in execute(), as the dead worker's.
                 self._idle.pop(instance.name, None)
                 self._interrupted.discard(instance.name)
-            entries = [e for e in batch if not e.future.done()]
+            entries = self._begin(instance, batch)
             if not entries:
                 continue
-            self._running += 1
-            self._running_requests += len(entries)
-            busy_since = self._busy_since[instance.name] = time.monotonic_ns()
+            started = time.monotonic_ns()
             try:
-                await self._execute(instance, entries)
+                runnable = self._admitted(entries, started)
+                if runnable:
+                    await self._run(instance, runnable)
+                    self._ran(instance, len(runnable), started)
             except Exception:  # a bug here must not stop the instance serving
                 log.exception("model '%s': batch failed unexpectedly", self.key.name)
                 self._fail(entries, BackendError("the server failed while running this batch"))
             finally:
-                self._running -= 1
-                self._running_requests -= len(entries)
-                del self._busy_since[instance.name]
-                busy_ns = time.monotonic_ns() - busy_since
-                self._busy_ns[instance.name] = self._busy_ns.get(instance.name, 0) + busy_ns
+                self._end(instance, entries, started)
 
-    async def _execute(self, instance: Instance, entries: list[Entry]) -> None:
-        started = time.monotonic_ns()
+    def _begin(self, instance: Instance, batch: list[Pending]) -> list[Pending]:
+        """The batch's requests still waiting for an answer, counted as running."""
+        entries = [p for p in batch if not p.done()]
+        if entries:
+            with self._counting:
+                self._running += 1
+                self._running_requests += len(entries)
+                self._busy_since[instance.name] = time.monotonic_ns()
+        return entries
+
+    def _end(self, instance: Instance, entries: list[Pending], started: int) -> None:
+        with self._counting:
+            self._running -= 1
+            self._running_requests -= len(entries)
+            busy_since = self._busy_since.pop(instance.name, started)
+            busy_ns = time.monotonic_ns() - busy_since
+            self._busy_ns[instance.name] = self._busy_ns.get(instance.name, 0) + busy_ns
+
+    def _admitted(self, entries: list[Pending], started: int) -> list[Pending]:
+        """The requests of a batch about to run that can still be answered in time; the
+        others fail now."""
         now = started / 1e9
         runnable = []
         for entry in entries:
@@ -239,23 +324,48 @@ class ModelExecutor:
                 runnable.append(entry)
             else:  # its caller will have given up before this batch finishes
                 self._fail([entry], too_late)
-        if not runnable:
-            return
-        await self._run(instance, runnable)
-        finished = time.monotonic()
-        self._rate.record(instance.name, len(runnable), now, finished)
-        self._rate.backlog(instance.name, finished, self._batcher.queued() > 0)
+        return runnable
 
-    async def _run(self, instance: Instance, entries: list[Entry]) -> None:
-        stats = self.statistics
-        requests = [e.request for e in entries]
-        wanted = {name for r in requests for name in r.outputs}
-        outputs = [name for name in self._output_order if name in wanted]
+    def _ran(self, instance: Instance, requests: int, started: int) -> None:
+        finished = time.monotonic()
+        with self._counting:
+            self._rate.record(instance.name, requests, started / 1e9, finished)
+            self._rate.backlog(instance.name, finished, self._batcher.queued() > 0)
+
+    def _run_now(self, instance: InlineInstance, entries: list[Pending]) -> None:
+        """Runs a batch on this thread (an inline instance's) and answers its requests."""
+        requests, outputs = self._batch_of(entries)
         compute_start = time.monotonic_ns()
         try:
             traces = [r.timeline.trace for r in requests if r.timeline.trace is not None]
             if traces:
-                execution = await self._traced(instance, requests, outputs, compute_start, traces)
+                with self._span(instance, requests, compute_start, traces) as span:
+                    execution = span.ran(instance.run(requests, outputs, traced=True))
+            else:
+                execution = instance.run(requests, outputs)
+        except (BackendError, InvalidInput) as exc:
+            if len(entries) > 1:
+                for entry in entries:  # see _run
+                    self._run_now(instance, [entry])
+                return
+            self._fail(entries, self._request_error(exc))
+            return
+        except TiffinError as exc:
+            self._fail(entries, exc)
+            return
+        self._answer(entries, requests, execution, compute_start)
+
+    async def _run(self, instance: Instance, entries: list[Pending]) -> None:
+        """Runs a batch on a worker instance and answers its requests."""
+        requests, outputs = self._batch_of(entries)
+        compute_start = time.monotonic_ns()
+        try:
+            traces = [r.timeline.trace for r in requests if r.timeline.trace is not None]
+            if traces:
+                with self._span(instance, requests, compute_start, traces) as span:
+                    execution = span.ran(
+                        await instance.execute(requests, outputs, span.traceparent)
+                    )
             else:
                 execution = await instance.execute(requests, outputs)
         except (BackendError, InvalidInput) as exc:
@@ -271,6 +381,26 @@ class ModelExecutor:
         except TiffinError as exc:
             self._fail(entries, exc)
             return
+        self._answer(entries, requests, execution, compute_start)
+
+    def _batch_of(self, entries: list[Pending]) -> tuple[list[InferenceRequest], list[str]]:
+        """A batch's requests, and the outputs any of them asked for, in the model's order."""
+        requests = [e.request for e in entries]
+        if len(requests) == 1:
+            wanted = set(requests[0].outputs)
+        else:
+            wanted = {name for r in requests for name in r.outputs}
+        return requests, [name for name in self._output_order if name in wanted]
+
+    def _answer(
+        self,
+        entries: list[Pending],
+        requests: list[InferenceRequest],
+        execution: Execution,
+        compute_start: int,
+    ) -> None:
+        """Hands each request of a finished batch its answer, and counts the batch."""
+        stats = self.statistics
         output_start = time.perf_counter_ns()
         for request in requests:
             request.timeline.compute_start = compute_start
@@ -293,26 +423,24 @@ class ModelExecutor:
             entry.request.timeline.compute_end = done
             if isinstance(response, TiffinError):
                 stats.record_outcome(False, done - entry.request.arrival_ns)
-                if not entry.future.done():
-                    entry.future.set_exception(response)
+                entry.finish(None, response)
                 continue
             stats.record_outcome(True, done - entry.request.arrival_ns)
-            if not entry.future.done():
-                entry.future.set_result(response)
+            entry.finish(response, None)
         if self._monitor is not None and len(failed) < len(requests):
             # After the answers: sampling copies the chosen rows (views of a worker's arena
             # too, which its next batch reuses), then hands them to the monitor's thread.
             self._monitor.offer(requests, execution.outputs, failed)
 
-    async def _traced(
+    @contextmanager
+    def _span(
         self,
         instance: Instance,
         requests: list[InferenceRequest],
-        outputs: list[str],
         start: int,
         traces: list[Trace],
-    ) -> Execution:
-        """The instance's execution of a batch inside a batch span, parented on the first
+    ) -> Iterator[_BatchSpan]:
+        """A batch span around the instance's execution of a batch, parented on the first
         traced request and linked to every one (`traces`)."""
         attributes: dict[str, str | int] = {
             "tiffin.model": self.key.name,
@@ -321,12 +449,10 @@ class ModelExecutor:
             "tiffin.batch_size": sum(r.batch_size for r in requests),
             "tiffin.requests": len(requests),
         }
-        batch = traces[0].batch(traces, start, attributes)
-        status, compute = "OK", None
+        span = _BatchSpan(traces[0].batch(traces, start, attributes))
+        status = "OK"
         try:
-            execution = await instance.execute(requests, outputs, batch.traceparent)
-            compute = execution.compute
-            return execution
+            yield span
         except TiffinError as exc:
             status = exc.code.name
             raise
@@ -334,7 +460,7 @@ class ModelExecutor:
             status = "INTERNAL"
             raise
         finally:
-            batch.end(time.monotonic_ns(), status, compute)
+            span.trace.end(time.monotonic_ns(), status, span.compute)
 
     def _scatter(
         self, requests: list[InferenceRequest], execution: Execution
@@ -375,9 +501,36 @@ class ModelExecutor:
         log.warning("%s", error.message)
         return error
 
-    def _fail(self, entries: list[Entry], error: TiffinError) -> None:
+    def _fail(self, entries: list[Pending], error: TiffinError) -> None:
         now = time.monotonic_ns()
         for entry in entries:
             self.statistics.record_outcome(False, now - entry.request.arrival_ns)
-            if not entry.future.done():
-                entry.future.set_exception(error)
+            entry.finish(None, error)
+
+
+class _BatchSpan:
+    """A traced batch's span while its instance runs it."""
+
+    __slots__ = ("trace", "compute")
+
+    def __init__(self, trace: BatchTrace) -> None:
+        self.trace = trace
+        self.compute: tuple[int, int] | None = None
+
+    @property
+    def traceparent(self) -> str:
+        return self.trace.traceparent
+
+    def ran(self, execution: Execution) -> Execution:
+        self.compute = execution.compute
+        return execution
+
+
+def _settle(future: asyncio.Future[InferenceResponse], pending: Pending) -> None:
+    """On the event loop: `pending`'s answer becomes `future`'s."""
+    if future.done():
+        return
+    try:
+        future.set_result(pending.wait())
+    except BaseException as exc:
+        future.set_exception(exc)

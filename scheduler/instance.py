@@ -113,8 +113,9 @@ class InlineInstance:
     """Runs the backend inside the frontend process, on a thread of its own.
 
     No process hand-off and no shared-memory copy, which is what makes it worth having for
-    tiny models. Loading and running happen on the instance's own thread, so a model that
-    loads or runs slowly never stalls the event loop, and with it every other model.
+    tiny models. It loads on a thread of its own and runs batches on its executor's
+    serving thread (`run`), never on the event loop: a model that loads or runs slowly
+    never stalls the loop, and with it every other model.
     """
 
     def __init__(self, name: str, config: ModelConfig, version_dir: Path, device: Device) -> None:
@@ -160,13 +161,15 @@ class InlineInstance:
     ) -> Execution:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._thread, self._execute, requests, outputs, bool(traceparent)
+            self._thread, self.run, requests, outputs, bool(traceparent)
         )
 
-    def _execute(
+    def run(
         self, requests: list[InferenceRequest], outputs: list[str], traced: bool = False
     ) -> Execution:
-        assert self._backend is not None, "execute() before load()"
+        """Runs one batch on the calling thread (the executor's serving thread for this
+        instance: never two at once); `traced` asks for the times of the backend's call."""
+        assert self._backend is not None, "run() before load()"
         start = time.perf_counter_ns()
         inputs = {
             name: arrays[0] if len(arrays) == 1 else np.concatenate(arrays)

@@ -26,11 +26,11 @@ from tiffin.protos.errors import (
 )
 from tiffin.protos.model_config import ModelConfig
 from tiffin.protos.names import parse_version, shown
-from tiffin.scheduler import InferenceResponse, ModelKey
+from tiffin.scheduler import InferenceResponse, ModelKey, Pending
 from tiffin.scheduler.context import RequestContext
 from tiffin.scheduler.statistics import ModelStatistics
 
-from .bridge import LoopBridge, Pending
+from .bridge import LoopBridge
 from .interceptors import Chain
 from .overrides import parse_override
 from .registry import READY, ModelRegistry
@@ -117,7 +117,7 @@ class DataPlane:
         self.refused: Callable[[str, str], None] = lambda protocol, reason: None
         self._max_elements = max_request_elements
         self._registry = registry
-        self._bridge = LoopBridge(loop, registry.enqueue)
+        self._bridge = LoopBridge(loop, registry.submit, registry.enqueue)
         self._state = state
         self._version = version
         self._strict = strict_readiness
@@ -335,7 +335,7 @@ class DataPlane:
         on_done: Callable[[Pending], None] | None = None,
     ) -> Started:
         """Validates and queues a request. Wait on the result's `pending`, or pass `on_done`,
-        which runs (on the scheduler's thread) once the request is answered."""
+        which runs (on the thread that answers it) once the request is answered."""
         context.model = request.model_name
         context.id = request.id  # known before the model is resolved: access lines show it
 

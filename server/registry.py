@@ -30,7 +30,14 @@ from tiffin.protos.errors import (
 )
 from tiffin.protos.model_config import ModelConfig, Traffic
 from tiffin.protos.names import name_problem, parse_version, shown
-from tiffin.scheduler import Executor, InferenceRequest, InferenceResponse, ModelKey, Scheduler
+from tiffin.scheduler import (
+    Executor,
+    InferenceRequest,
+    InferenceResponse,
+    ModelKey,
+    Pending,
+    Scheduler,
+)
 from tiffin.scheduler.statistics import ModelStatistics
 
 from .overrides import Override, StagingArea
@@ -177,10 +184,36 @@ class ModelRegistry:
         executor = found.executor if found else None
         return executor.statistics.snapshot() if executor else ModelStatistics()
 
-    # ---- routing (on the loop) ------------------------------------------------------------
+    # ---- routing ----------------------------------------------------------------------------
+
+    def submit(self, pending: Pending) -> bool:
+        """From any thread: queues a request with the executor serving its version now, if
+        that executor takes requests from any thread (see ModelExecutor.submit), and
+        returns True; False when it must be queued on the loop with `enqueue`.
+
+        The registry publishes a swap before it stops the executor it retired, so a
+        request that met a retired executor finds its successor when it looks again.
+        """
+        request = pending.request
+        while True:
+            executor = self._executor_for(request)
+            submit = getattr(executor, "submit", None)
+            if submit is None:
+                return False
+            try:
+                submit(pending)
+                return True
+            except ModelNotReady:
+                if self._executor_for(request) is executor:
+                    raise
+                # Retired between resolving and queueing: go to the one serving now.
 
     def enqueue(self, request: InferenceRequest) -> asyncio.Future[InferenceResponse]:
-        """Queues a request with the executor serving its version now.
+        """On the loop: queues a request with the executor serving its version now."""
+        return self._executor_for(request).enqueue(request)
+
+    def _executor_for(self, request: InferenceRequest) -> Executor:
+        """The executor serving the request's version now.
 
         A request validated just before a swap may arrive after it: a reloaded version is
         served by its new executor; a request that named no version, for a version the
@@ -196,7 +229,7 @@ class ModelRegistry:
                     "unloaded while the request was on its way; retry it"
                 )
             request.model = ModelKey(request.model.name, found.spec.version)
-        return found.executor.enqueue(request)
+        return found.executor
 
     @staticmethod
     def _successor(state: ModelState | None, request: InferenceRequest) -> VersionState | None:

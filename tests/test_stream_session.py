@@ -4,18 +4,16 @@ per client, metrics, the access log) hears the end of each."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from types import SimpleNamespace
 from typing import Any
 
+from tiffin.scheduler import Pending
 from tiffin.scheduler.context import RequestContext
-from tiffin.server.bridge import Pending
 from tiffin.server.grpc.streams import StreamSession
 
 
 def test_closing_finishes_the_contexts_of_unanswered_requests() -> None:
-    loop = asyncio.new_event_loop()  # never run: the requests stay unanswered
     contexts: list[RequestContext] = []
     finished: list[str] = []
 
@@ -23,7 +21,8 @@ def test_closing_finishes_the_contexts_of_unanswered_requests() -> None:
         context = RequestContext("grpc", "stream_infer")
         context.on_finish.append(lambda c: finished.append(c.status))
         contexts.append(context)
-        return Pending(SimpleNamespace(), loop, None), None, context  # type: ignore[arg-type]
+        # Never queued anywhere: the requests stay unanswered.
+        return Pending(SimpleNamespace()), None, context  # type: ignore[arg-type]
 
     messages = [SimpleNamespace(id=str(i), model_name="m", model_version="") for i in range(3)]
     session = StreamSession(iter(messages), start, window=8)
@@ -36,4 +35,3 @@ def test_closing_finishes_the_contexts_of_unanswered_requests() -> None:
     assert finished == ["CANCELLED"] * 3
     session.close()  # a second close finishes nothing twice
     assert finished == ["CANCELLED"] * 3
-    loop.close()

@@ -19,10 +19,10 @@ import grpc
 from tiffin.protos import MAX_MESSAGE_BYTES, SERVICE_NAME, model_config, protocol
 from tiffin.protos.errors import DeadlineExceeded, TiffinError
 from tiffin.protos.names import shown
+from tiffin.scheduler import Pending
 from tiffin.scheduler.context import RequestContext
 from tiffin.scheduler.statistics import DURATIONS, ModelStatistics
 
-from ..bridge import Pending
 from ..dataplane import DataPlane
 from ..limits import request_limits
 from ..registry import ModelRegistry

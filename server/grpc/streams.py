@@ -23,9 +23,9 @@ import grpc
 
 from tiffin.protos.errors import TiffinError
 from tiffin.protos.model_config import ModelConfig
+from tiffin.scheduler import Pending
 from tiffin.scheduler.context import RequestContext
 
-from ..bridge import Pending
 from .decoder import Undecodable
 
 log = logging.getLogger(__name__)

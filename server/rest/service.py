@@ -47,9 +47,9 @@ from aiohttp import hdrs, web
 
 from tiffin.protos.errors import InvalidInput, Overloaded, ServerNotReady, TiffinError, Unsupported
 from tiffin.protos.names import shown
+from tiffin.scheduler import Pending
 from tiffin.scheduler.context import RequestContext
 
-from ..bridge import Pending
 from ..dataplane import DataPlane
 from ..limits import PLAIN_REQUEST_MAX_BYTES, REQUEST_OVERHEAD_BYTES, request_limits
 from ..registry import ModelRegistry
@@ -297,7 +297,7 @@ class RestService:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
 
-        def on_done(pending: Pending) -> None:  # on the scheduler's thread
+        def on_done(pending: Pending) -> None:  # on the thread that answers it
             loop.call_soon_threadsafe(_resolve, done)
 
         started = self._plane.infer(context, wire, on_done=on_done)
