@@ -59,3 +59,51 @@ def test_an_unrelated_model_answers_while_an_inline_model_loads(server):
     busy = threading.Thread(target=lambda: client.load_model("slowload"))
     assert slowest_echo_while(server, busy) < 0.5  # it waited the whole 2 s before
     assert client.is_model_ready("slowload")
+
+
+def test_requests_for_an_inline_model_are_answered_while_the_event_loop_is_held(tmp_path):
+    """A front-door thread queues a request itself and an inline instance's thread answers
+    it: neither waits for the scheduler's event loop, held here for 1.5 s (as a slow
+    callback on it would). Before, each request went through the loop both ways."""
+    import asyncio
+
+    import numpy as np
+    import yaml
+
+    from tiffin.protos.model_config import ModelConfig
+    from tiffin.scheduler import InferenceRequest, ModelKey, Pending, Scheduler
+
+    key = ModelKey("echo", 1)
+    config = ModelConfig.model_validate(yaml.safe_load(toy("Echo", "dynamic_batching: {}\n")))
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    loop_thread.start()
+
+    def on_loop(coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(30)
+
+    async def create():
+        executor = Scheduler(None, None).create_executor(key, config, tmp_path)  # type: ignore[arg-type]
+        await executor.start()
+        return executor
+
+    executor = on_loop(create())
+    try:
+        held = threading.Event()
+        loop.call_soon_threadsafe(lambda: (held.set(), time.sleep(1.5)))
+        assert held.wait(5)
+        start = time.monotonic()
+        answers = []
+        for value in (1.0, 2.0, 3.0):
+            pending = Pending(
+                InferenceRequest(key, {"INPUT0": np.array([[value]], np.float32)}, ["OUTPUT0"])
+            )
+            executor.submit(pending)
+            answers.append(pending.wait().outputs["OUTPUT0"].tolist())
+        assert answers == [[[1.0]], [[2.0]], [[3.0]]]
+        assert time.monotonic() - start < 0.5  # the loop is still held
+    finally:
+        on_loop(executor.stop())
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(5)
+        loop.close()
