@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 # Below this many entries a heap full of cancelled timers is left to drain by itself.
 _COMPACT_AT = 1024
+# The longest single wait: a client may ask for a timeout of centuries, which a lock's
+# wait refuses (OverflowError); the thread wakes, finds nothing due, and waits again.
+_LONGEST_WAIT_SECONDS = 3600.0
 
 
 class Timer:
@@ -79,7 +82,7 @@ class Timers:
                     continue
                 delay = heap[0][0] - time.monotonic()
                 if delay > 0:
-                    self._changed.wait(delay)
+                    self._changed.wait(min(delay, _LONGEST_WAIT_SECONDS))
                     continue
                 timer = heapq.heappop(heap)[2]
             # Read before the callback: cancel() clears the callback first, so a timer

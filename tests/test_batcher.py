@@ -353,3 +353,29 @@ def test_requests_from_many_threads_are_each_served_once():
         thread.join(5)
     assert sorted(taken) == sorted(f"{n}-{i}" for n in range(8) for i in range(250))
     assert batcher.queued() == 0
+
+
+def test_a_timeout_of_centuries_does_not_stop_the_other_timers():
+    """A client may ask for any queue timeout (microseconds, 2**62 here): it is waited for
+    in bounded steps, and a short timeout queued after it still fires on time."""
+    batcher = DynamicBatcher(
+        KEY,
+        config(
+            default_queue_policy={
+                "default_timeout_microseconds": 50_000,
+                "timeout_action": "REJECT",
+                "allow_timeout_override": True,
+            }
+        ),
+    )
+    forever = queue(batcher, tag="forever", timeout=2**62)
+    time.sleep(0.1)  # the timer thread now waits for the far one
+    soon = queue(batcher, tag="soon")
+    deadline = time.monotonic() + 5
+    while not soon.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert soon.done(), "the timer thread stopped"
+    with pytest.raises(RequestTimeout):
+        soon.wait()
+    assert not forever.done()
+    forever.cancel()
