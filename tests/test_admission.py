@@ -84,3 +84,23 @@ def test_while_requests_wait_the_time_between_batches_counts_against_the_rate():
     for _ in range(60):
         rate.record("i0", 10, 6.0, 6.01)
     assert rate.requests_per_second == pytest.approx(1000, rel=0.05)
+
+
+def test_a_grpc_call_without_a_deadline_has_none() -> None:
+    """gRPC reports a call without a deadline as 9.2e18 s away: the server treats it as no
+    deadline (no timer per request, nothing admitted against it), and a real one as is."""
+    from types import SimpleNamespace
+
+    from tiffin.server.grpc.service import _call_context
+
+    def context(remaining: float | None) -> SimpleNamespace:
+        return SimpleNamespace(
+            time_remaining=lambda: remaining,
+            invocation_metadata=lambda: (),
+            peer=lambda: "ipv4:127.0.0.1:5000",
+        )
+
+    assert _call_context(context(9.223372035058735e18), "infer", False).deadline is None  # type: ignore[arg-type]
+    assert _call_context(context(None), "infer", False).deadline is None  # type: ignore[arg-type]
+    bounded = _call_context(context(5.0), "infer", False).deadline  # type: ignore[arg-type]
+    assert bounded is not None and 4.0 < bounded - time.monotonic() <= 5.0

@@ -55,8 +55,15 @@ OPERATIONS = {
 }
 
 
+# gRPC reports a call without a deadline as one centuries away; beyond this, a deadline is
+# none at all (no timer is set for it, and nothing is admitted against it).
+_NO_DEADLINE_SECONDS = 10 * 365 * 24 * 3600.0
+
+
 def _call_context(context: grpc.ServicerContext, operation: str, mutual: bool) -> RequestContext:
     remaining = context.time_remaining()
+    if remaining is not None and remaining > _NO_DEADLINE_SECONDS:
+        remaining = None
     deadline = time.monotonic() + remaining if remaining is not None else None
     call = RequestContext("grpc", operation, dict(context.invocation_metadata()), deadline)
     call.peer = context.peer().removeprefix("ipv4:").removeprefix("ipv6:")  # host:port
