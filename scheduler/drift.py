@@ -326,7 +326,7 @@ class DriftMonitor:
     ) -> None:
         """A finished batch (its requests, the outputs of all its rows, the indexes of the
         requests that failed): the requests drawn at `sample_rate` are copied and queued,
-        or dropped when the queue is full. Called on the scheduler's loop: never blocks."""
+        or dropped when the queue is full. Called by the thread that ran the batch: never blocks."""
         draw = random.random
         chosen = [i for i in range(len(requests)) if draw() < self._rate and i not in failed]
         if not chosen:
