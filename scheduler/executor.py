@@ -239,24 +239,10 @@ class ModelExecutor:
 
     def _serve_inline(self, instance: InlineInstance) -> None:
         """An inline instance's thread: runs batches until the version stops."""
-        while True:
-            batch = self._batcher.wait_batch()
-            if batch is None:
-                return
-            entries = self._begin(instance, batch)
-            if not entries:
-                continue
-            started = time.monotonic_ns()
-            try:
-                runnable = self._admitted(entries, started)
+        while (batch := self._batcher.wait_batch()) is not None:
+            with self._batch(instance, batch) as runnable:
                 if runnable:
                     self._run_now(instance, runnable)
-                    self._ran(instance, len(runnable), started)
-            except Exception:  # a bug here must not stop the instance serving
-                log.exception("model '%s': batch failed unexpectedly", self.key.name)
-                self._fail(entries, BackendError("the server failed while running this batch"))
-            finally:
-                self._end(instance, entries, started)
 
     async def _serve(self, instance: Instance) -> None:
         """A worker instance's task: runs batches until the version stops."""
@@ -277,38 +263,42 @@ class ModelExecutor:
                 # result instead): that batch then fails in execute(), as the dead worker's.
                 self._idle.pop(instance.name, None)
                 self._interrupted.discard(instance.name)
-            entries = self._begin(instance, batch)
-            if not entries:
-                continue
-            started = time.monotonic_ns()
-            try:
-                runnable = self._admitted(entries, started)
+            with self._batch(instance, batch) as runnable:
                 if runnable:
                     await self._run(instance, runnable)
-                    self._ran(instance, len(runnable), started)
-            except Exception:  # a bug here must not stop the instance serving
-                log.exception("model '%s': batch failed unexpectedly", self.key.name)
-                self._fail(entries, BackendError("the server failed while running this batch"))
-            finally:
-                self._end(instance, entries, started)
 
-    def _begin(self, instance: Instance, batch: list[Pending]) -> list[Pending]:
-        """The batch's requests still waiting for an answer, counted as running."""
+    @contextmanager
+    def _batch(self, instance: Instance, batch: list[Pending]) -> Iterator[list[Pending]]:
+        """Around running a batch taken from the queue: yields its requests that can still
+        be answered in time (the others fail), counts it as running meanwhile, and fails
+        whatever a bug in running it left unanswered."""
         entries = [p for p in batch if not p.done()]
-        if entries:
-            with self._counting:
-                self._running += 1
-                self._running_requests += len(entries)
-                self._busy_since[instance.name] = time.monotonic_ns()
-        return entries
-
-    def _end(self, instance: Instance, entries: list[Pending], started: int) -> None:
+        if not entries:
+            yield entries
+            return
+        started = time.monotonic_ns()
         with self._counting:
-            self._running -= 1
-            self._running_requests -= len(entries)
-            busy_since = self._busy_since.pop(instance.name, started)
-            busy_ns = time.monotonic_ns() - busy_since
-            self._busy_ns[instance.name] = self._busy_ns.get(instance.name, 0) + busy_ns
+            self._running += 1
+            self._running_requests += len(entries)
+            self._busy_since[instance.name] = started
+        try:
+            runnable = self._admitted(entries, started)
+            yield runnable
+            if runnable:
+                finished = time.monotonic()
+                with self._counting:
+                    self._rate.record(instance.name, len(runnable), started / 1e9, finished)
+                    self._rate.backlog(instance.name, finished, self._batcher.queued() > 0)
+        except Exception:  # a bug here must not stop the instance serving
+            log.exception("model '%s': batch failed unexpectedly", self.key.name)
+            self._fail(entries, BackendError("the server failed while running this batch"))
+        finally:
+            with self._counting:
+                self._running -= 1
+                self._running_requests -= len(entries)
+                del self._busy_since[instance.name]
+                busy_ns = time.monotonic_ns() - started
+                self._busy_ns[instance.name] = self._busy_ns.get(instance.name, 0) + busy_ns
 
     def _admitted(self, entries: list[Pending], started: int) -> list[Pending]:
         """The requests of a batch about to run that can still be answered in time; the
@@ -326,32 +316,20 @@ class ModelExecutor:
                 self._fail([entry], too_late)
         return runnable
 
-    def _ran(self, instance: Instance, requests: int, started: int) -> None:
-        finished = time.monotonic()
-        with self._counting:
-            self._rate.record(instance.name, requests, started / 1e9, finished)
-            self._rate.backlog(instance.name, finished, self._batcher.queued() > 0)
-
     def _run_now(self, instance: InlineInstance, entries: list[Pending]) -> None:
         """Runs a batch on this thread (an inline instance's) and answers its requests."""
         requests, outputs = self._batch_of(entries)
         compute_start = time.monotonic_ns()
         try:
-            traces = [r.timeline.trace for r in requests if r.timeline.trace is not None]
-            if traces:
+            if traces := _traces(requests):
                 with self._span(instance, requests, compute_start, traces) as span:
                     execution = span.ran(instance.run(requests, outputs, traced=True))
             else:
                 execution = instance.run(requests, outputs)
-        except (BackendError, InvalidInput) as exc:
-            if len(entries) > 1:
-                for entry in entries:  # see _run
-                    self._run_now(instance, [entry])
-                return
-            self._fail(entries, self._request_error(exc))
-            return
         except TiffinError as exc:
-            self._fail(entries, exc)
+            if self._failed_whole(entries, exc):
+                for entry in entries:
+                    self._run_now(instance, [entry])
             return
         self._answer(entries, requests, execution, compute_start)
 
@@ -360,36 +338,37 @@ class ModelExecutor:
         requests, outputs = self._batch_of(entries)
         compute_start = time.monotonic_ns()
         try:
-            traces = [r.timeline.trace for r in requests if r.timeline.trace is not None]
-            if traces:
+            if traces := _traces(requests):
                 with self._span(instance, requests, compute_start, traces) as span:
                     execution = span.ran(
                         await instance.execute(requests, outputs, span.traceparent)
                     )
             else:
                 execution = await instance.execute(requests, outputs)
-        except (BackendError, InvalidInput) as exc:
-            if len(entries) > 1:
-                # The backend failed the whole batch, not the requests at fault (see
-                # Backend.infer_batch): run each alone, so that only those the backend
-                # rejects fail. The fallback; it repeats the work of the others.
+        except TiffinError as exc:
+            if self._failed_whole(entries, exc):
                 for entry in entries:
                     await self._run(instance, [entry])
-                return
-            self._fail(entries, self._request_error(exc))
-            return
-        except TiffinError as exc:
-            self._fail(entries, exc)
             return
         self._answer(entries, requests, execution, compute_start)
+
+    def _failed_whole(self, entries: list[Pending], exc: TiffinError) -> bool:
+        """A batch's run raised `exc`: fails its requests, or returns True when they are to
+        run again one at a time. A backend that rejects or fails a batch (InvalidInput,
+        BackendError) fails it whole, not only the requests at fault (see
+        Backend.infer_batch): each runs alone then, so that only those fail. The fallback;
+        it repeats the work of the others."""
+        if isinstance(exc, (BackendError, InvalidInput)):
+            if len(entries) > 1:
+                return True
+            exc = self._request_error(exc)
+        self._fail(entries, exc)
+        return False
 
     def _batch_of(self, entries: list[Pending]) -> tuple[list[InferenceRequest], list[str]]:
         """A batch's requests, and the outputs any of them asked for, in the model's order."""
         requests = [e.request for e in entries]
-        if len(requests) == 1:
-            wanted = set(requests[0].outputs)
-        else:
-            wanted = {name for r in requests for name in r.outputs}
+        wanted = {name for r in requests for name in r.outputs}
         return requests, [name for name in self._output_order if name in wanted]
 
     def _answer(
@@ -524,6 +503,10 @@ class _BatchSpan:
     def ran(self, execution: Execution) -> Execution:
         self.compute = execution.compute
         return execution
+
+
+def _traces(requests: list[InferenceRequest]) -> list[Trace]:
+    return [r.timeline.trace for r in requests if r.timeline.trace is not None]
 
 
 def _settle(future: asyncio.Future[InferenceResponse], pending: Pending) -> None:
