@@ -46,6 +46,24 @@ def request(rows: int = 1, width: int = 2, tag: str = "", **parameters) -> Infer
     )
 
 
+def rejecting(**policy) -> ModelConfig:
+    """A config whose queue rejects a request after 50 ms (more of `policy` as given)."""
+    return config(
+        default_queue_policy={
+            "default_timeout_microseconds": 50_000,
+            "timeout_action": "REJECT",
+            **policy,
+        }
+    )
+
+
+def eventually(condition, seconds: float = 5) -> None:
+    """Waits until `condition()` holds, for at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def queue(batcher: DynamicBatcher, **kwargs) -> Pending:
     """Puts a request made by `request(**kwargs)` in the batcher; its Pending."""
     pending = Pending(request(**kwargs))
@@ -204,15 +222,7 @@ def test_queue_policy_per_priority_level():
 
 def test_timeout_reject_fails_the_waiting_request():
     async def main():
-        batcher = DynamicBatcher(
-            KEY,
-            config(
-                default_queue_policy={
-                    "default_timeout_microseconds": 50_000,
-                    "timeout_action": "REJECT",
-                }
-            ),
-        )
+        batcher = DynamicBatcher(KEY, rejecting())
         pending = queue(batcher)
         with pytest.raises(RequestTimeout) as info:
             await asyncio.to_thread(pending.wait)
@@ -295,9 +305,7 @@ def test_a_thread_waits_for_its_batch_and_is_woken_by_a_put_from_another():
     server.start()
     time.sleep(0.05)  # the thread waits on an empty queue
     queue(batcher, tag="a")
-    deadline = time.monotonic() + 5
-    while not taken and time.monotonic() < deadline:
-        time.sleep(0.01)
+    eventually(lambda: taken)
     batcher.stop_serving()
     server.join(5)
     assert taken == [["a"]] and not server.is_alive()
@@ -345,9 +353,7 @@ def test_requests_from_many_threads_are_each_served_once():
         thread.start()
     for thread in clients:
         thread.join(10)
-    deadline = time.monotonic() + 10
-    while len(taken) < 2000 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    eventually(lambda: len(taken) >= 2000, 10)
     batcher.stop_serving()
     for thread in servers:
         thread.join(5)
@@ -358,22 +364,11 @@ def test_requests_from_many_threads_are_each_served_once():
 def test_a_timeout_of_centuries_does_not_stop_the_other_timers():
     """A client may ask for any queue timeout (microseconds, 2**62 here): it is waited for
     in bounded steps, and a short timeout queued after it still fires on time."""
-    batcher = DynamicBatcher(
-        KEY,
-        config(
-            default_queue_policy={
-                "default_timeout_microseconds": 50_000,
-                "timeout_action": "REJECT",
-                "allow_timeout_override": True,
-            }
-        ),
-    )
+    batcher = DynamicBatcher(KEY, rejecting(allow_timeout_override=True))
     forever = queue(batcher, tag="forever", timeout=2**62)
     time.sleep(0.1)  # the timer thread now waits for the far one
     soon = queue(batcher, tag="soon")
-    deadline = time.monotonic() + 5
-    while not soon.done() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    eventually(soon.done)
     assert soon.done(), "the timer thread stopped"
     with pytest.raises(RequestTimeout):
         soon.wait()
