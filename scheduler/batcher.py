@@ -24,6 +24,7 @@ from collections import deque
 from typing import Any
 
 from tiffin.protos.errors import (
+    Cancelled,
     DeadlineExceeded,
     InvalidInput,
     QueueFull,
@@ -277,11 +278,7 @@ class DynamicBatcher:
     def cancel(self, pending: Pending) -> None:
         """Its caller went away: it leaves the queue, answered as cancelled. A request
         already taken into a batch is left to finish."""
-        with self._lock:
-            if not pending.queued:
-                return
-            self._leave(pending)
-        pending.finish_cancelled()
+        self._drop(pending, Cancelled("the request was cancelled"))
 
     def _drop(self, pending: Pending, error: TiffinError) -> None:
         with self._lock:

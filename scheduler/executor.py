@@ -213,7 +213,10 @@ class ModelExecutor:
     async def stop(self) -> None:
         """Stops taking requests, finishes those queued and running, then unloads."""
         self._batcher.close(
-            ModelNotReady(f"model '{self.key.name}' version {self.key.version} is unloading")
+            ModelNotReady(
+                f"model '{self.key.name}' version {self.key.version} is unloading; retry the "
+                "request, which then goes to the version serving now, if any"
+            )
         )
         while self._batcher.queued() or self._running:
             if not any(i.alive for i in self._instances):

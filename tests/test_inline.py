@@ -3,13 +3,23 @@ runs slowly never stalls the others."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import random
 import threading
 import time
 
+import numpy as np
 import pytest
 import tritonclient.grpc as tc
+import yaml
 
 from models import value_input, write_repository
+from tiffin.protos.errors import TiffinError
+from tiffin.protos.model_config import ModelConfig
+from tiffin.scheduler import InferenceRequest, ModelKey, Pending, Scheduler
+
+KEY = ModelKey("toy", 1)
 
 
 def toy(backend: str, extra: str = "") -> str:
@@ -61,49 +71,129 @@ def test_an_unrelated_model_answers_while_an_inline_model_loads(server):
     assert client.is_model_ready("slowload")
 
 
+class LoopThread:
+    """An event loop on a thread of its own, as the server runs its scheduler's."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
+
+
+def started_executor(loop: LoopThread, config_text: str, folder):
+    """An executor for a toy model, started on `loop` (no server, no sockets)."""
+    config = ModelConfig.model_validate(yaml.safe_load(config_text))
+
+    async def create():
+        executor = Scheduler(None, None).create_executor(KEY, config, folder)  # type: ignore[arg-type]
+        await executor.start()
+        return executor
+
+    return loop.run(create())
+
+
+def value_request(value: float, deadline: float | None = None) -> InferenceRequest:
+    return InferenceRequest(
+        KEY, {"INPUT0": np.array([[value]], np.float32)}, ["OUTPUT0"], deadline=deadline
+    )
+
+
 def test_requests_for_an_inline_model_are_answered_while_the_event_loop_is_held(tmp_path):
     """A front-door thread queues a request itself and an inline instance's thread answers
     it: neither waits for the scheduler's event loop, held here for 1.5 s (as a slow
     callback on it would). Before, each request went through the loop both ways."""
-    import asyncio
-
-    import numpy as np
-    import yaml
-
-    from tiffin.protos.model_config import ModelConfig
-    from tiffin.scheduler import InferenceRequest, ModelKey, Pending, Scheduler
-
-    key = ModelKey("echo", 1)
-    config = ModelConfig.model_validate(yaml.safe_load(toy("Echo", "dynamic_batching: {}\n")))
-    loop = asyncio.new_event_loop()
-    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
-    loop_thread.start()
-
-    def on_loop(coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(30)
-
-    async def create():
-        executor = Scheduler(None, None).create_executor(key, config, tmp_path)  # type: ignore[arg-type]
-        await executor.start()
-        return executor
-
-    executor = on_loop(create())
+    loop = LoopThread()
+    executor = started_executor(loop, toy("Echo", "dynamic_batching: {}\n"), tmp_path)
     try:
         held = threading.Event()
-        loop.call_soon_threadsafe(lambda: (held.set(), time.sleep(1.5)))
+        loop.loop.call_soon_threadsafe(lambda: (held.set(), time.sleep(1.5)))
         assert held.wait(5)
         start = time.monotonic()
         answers = []
         for value in (1.0, 2.0, 3.0):
-            pending = Pending(
-                InferenceRequest(key, {"INPUT0": np.array([[value]], np.float32)}, ["OUTPUT0"])
-            )
+            pending = Pending(value_request(value))
             executor.submit(pending)
             answers.append(pending.wait().outputs["OUTPUT0"].tolist())
         assert answers == [[[1.0]], [[2.0]], [[3.0]]]
         assert time.monotonic() - start < 0.5  # the loop is still held
     finally:
-        on_loop(executor.stop())
-        loop.call_soon_threadsafe(loop.stop)
-        loop_thread.join(5)
+        loop.run(executor.stop())
+        loop.close()
+
+
+def test_every_request_ends_under_load_with_deadlines_timeouts_and_cancels(tmp_path):
+    """16 threads send requests for 2 s to an inline model that sleeps up to 2 ms a batch,
+    with a 5 ms queue timeout: a third with a 3 ms deadline, a fifth cancelled at once.
+    Each request ends (none is left waiting) with its answer or a defined error, and the
+    queue and the requests in flight come back to zero."""
+    loop = LoopThread()
+    executor = started_executor(
+        loop,
+        toy(
+            "Slow",
+            "dynamic_batching: {default_queue_policy: "
+            "{default_timeout_microseconds: 5000, timeout_action: REJECT}}\n",
+        ),
+        tmp_path,
+    )
+    outcomes: collections.Counter[str] = collections.Counter()
+    left_waiting: list[Pending] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + 2
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        while time.monotonic() < stop:
+            deadline = time.monotonic() + 0.003 if rng.random() < 0.33 else None
+            pending = Pending(value_request(rng.uniform(0, 0.002), deadline))
+            try:
+                executor.submit(pending)
+            except TiffinError as exc:  # refused at once (admission): also an ending
+                with lock:
+                    outcomes[type(exc).__name__] += 1
+                continue
+            if rng.random() < 0.2:
+                pending.cancel()
+            waited = time.monotonic() + 10
+            while not pending.done() and time.monotonic() < waited:
+                time.sleep(0.0005)
+            if not pending.done():
+                with lock:
+                    left_waiting.append(pending)
+                continue
+            try:
+                pending.wait()
+                name = "OK"
+            except TiffinError as exc:
+                name = type(exc).__name__
+            with lock:
+                outcomes[name] += 1
+
+    try:
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not left_waiting
+        allowed = {"OK", "Cancelled", "DeadlineExceeded", "RequestTimeout", "Overloaded"}
+        assert set(outcomes) <= allowed, outcomes
+        assert outcomes["OK"] > 100 and outcomes["Cancelled"] > 0, outcomes
+        live = executor.statistics.snapshot().live
+        for _ in range(100):  # the serving thread closes its books just after answering
+            if live.in_flight == 0:
+                break
+            time.sleep(0.01)
+            live = executor.statistics.snapshot().live
+        assert live.in_flight == 0 and sum(live.queue_depth.values()) == 0
+    finally:
+        loop.run(executor.stop())
         loop.close()
