@@ -18,7 +18,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from tiffin.protos.errors import TiffinError
 from tiffin.scheduler import InferenceRequest, InferenceResponse, Pending
 
 
@@ -74,10 +73,7 @@ class LoopBridge:
                 continue
             try:
                 future = self._enqueue(pending.request)
-            except TiffinError as exc:
-                pending.finish(None, exc)
-                continue
-            except Exception as exc:  # a bug must not leave the caller waiting forever
+            except Exception as exc:  # a TiffinError, or a bug: the caller still gets an answer
                 pending.finish(None, exc)
                 continue
             pending.cancel_hook = _canceller(self._loop, future)
