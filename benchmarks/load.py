@@ -300,8 +300,10 @@ async def _run(spec: LoadSpec, start_at: float | None) -> dict:
                     if n
                 ]
             tasks = {asyncio.create_task(w) for w in work}
-            # Workers stop sending when the window ends; answers still on the way may count.
-            await asyncio.sleep(max(0.0, rec.end - now()))
+            # Workers stop sending when the window ends (at the duration, or earlier at
+            # max_requests); answers still on the way may count.
+            while not rec.stopped():
+                await asyncio.sleep(min(0.05, max(0.0, rec.end - now())))
             await _drain(tasks, spec.timeout)
         elif spec.mode == "unary":
             await _open_unary(client, rec, spec, first)

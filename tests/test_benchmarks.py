@@ -542,3 +542,29 @@ def test_swap_run_writes_json(tmp_path: Path):
     assert run["failed"] == 0 and run["requests"] > 50
     assert run["steady_p99_ms"] > 0 and len(run["swaps"]) == 1
     assert run["swaps"][0]["requests_in_swap_second"] > 0
+
+
+def test_load_stops_at_max_requests():
+    """`--max-requests N` ends the run at the Nth answer, not at `--duration`."""
+    echo = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", "echo", "--kind", "sync", "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert echo.stdout is not None
+        port = int(echo.stdout.readline().split()[1])  # "READY <port>"
+        load = subprocess.run(
+            [sys.executable, "-m", "benchmarks", "load", "--url", f"127.0.0.1:{port}",
+             "--model", "mlp", "--concurrency", "4", "--duration", "120", "--warmup", "0",
+             "--max-requests", "200", "--json"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        echo.terminate()
+        echo.wait(10)
+    assert load.returncode == 0, load.stderr
+    result = json.loads(load.stdout.strip().splitlines()[-1])
+    assert result["requests"] == 200 and result["error_count"] == 0
+    assert result["duration_s"] < 60
