@@ -14,6 +14,7 @@ from .base import (
     ForwardingBackend,
     MissingDependency,
 )
+from .cpu_budget import place_frontend, use_compute_cpus
 
 #: The environment variable that lists import-path backends to allow (read by the repository
 #: reader, not here): comma-separated `module:Class`, or `module` for every class in that
@@ -154,5 +155,7 @@ __all__ = [
     "get_backend",
     "get_batch_backend",
     "parse_allowed_backends",
+    "place_frontend",
     "resolve_backend_name",
+    "use_compute_cpus",
 ]

@@ -61,11 +61,98 @@ class CpuBudget:
 
 
 def affinity_count() -> int:
-    """Cpus this process may run on (all of the machine's where affinity is unknown)."""
+    """Cpus this process may run on (all of the machine's where affinity is unknown); the
+    models' cores where the frontend was placed on one of them (`place_frontend`)."""
+    compute = compute_cpus()
+    if compute:
+        return len(compute)
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on Linux
         return os.cpu_count() or 1
+
+
+# ---- where the frontend's threads and the models' threads run --------------------------
+#
+# The frontend (gRPC's threads, handler threads, the event loops, batching) runs Python and
+# hands every request between threads, each hand-over passing Python's lock. On one core that
+# costs a thread switch; spread over several, each hand-over wakes a thread on another core
+# and the lock bounces between them, which halved a 2-core server's throughput on a small
+# model. So, where the server's cores are its own, its frontend threads share one core and
+# the models' threads (inline instances, worker processes, framework pools) use all of them.
+
+# Set by `place_frontend` for the worker processes the server starts: the cores the models'
+# threads may use ("0,1,...").
+COMPUTE_CPUS_VARIABLE = "TIFFIN_COMPUTE_CPUS"
+
+
+def compute_cpus() -> set[int]:
+    """The cores the models' threads may use; empty where the frontend was not placed."""
+    value = os.environ.get(COMPUTE_CPUS_VARIABLE, "")
+    return {int(cpu) for cpu in value.split(",") if cpu.strip().isdigit()}
+
+
+def place_frontend(policy: str) -> str:
+    """Call on the serving process's first thread, before it starts any other (threads
+    inherit their creator's cores). Where `frontend_core(policy, ...)` names a core, keeps
+    this thread, and so the frontend threads it starts, on it, and records the models'
+    cores for their threads. Returns what was done, for the log."""
+    os.environ.pop(COMPUTE_CPUS_VARIABLE, None)  # this process's own choice, not inherited
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return "frontend threads: not placed (no CPU affinity on this system)"
+    core, reason = frontend_core(policy, cpus, os.cpu_count() or len(cpus), read_cpu_budget())
+    if core is None:
+        return f"frontend threads: on every core the server may use ({reason})"
+    os.environ[COMPUTE_CPUS_VARIABLE] = ",".join(str(cpu) for cpu in cpus)
+    os.sched_setaffinity(0, {core})
+    models = _ranges(cpus)
+    return f"frontend threads: on cpu {core}, the models' threads on cpus {models} ({reason})"
+
+
+def frontend_core(
+    policy: str, cpus: list[int], machine_cpus: int, budget: CpuBudget
+) -> tuple[int | None, str]:
+    """The core to keep the frontend's threads on (None: every core), and why.
+
+    "pin" takes one whenever there are two or more. "auto" takes one only where cores were
+    set aside for this server: an affinity narrower than the machine (`taskset`, a cpuset,
+    Kubernetes' static CPU manager) and not cut down further by a cgroup quota. A server that
+    may share the machine with others keeps off any one core: several servers would all
+    pick the same. "none" never does."""
+    if policy == "none":
+        return None, "--frontend-core none"
+    if len(cpus) < 2:
+        return None, "one core"
+    if policy == "auto":
+        if len(cpus) >= machine_cpus:
+            return None, "no cores set aside for it; --frontend-core pin keeps it on one"
+        if budget.usable < len(cpus):
+            return None, f"{budget.describe()}: a quota, so no core is set aside for it"
+    return cpus[-1], f"--frontend-core {policy}; none spreads it over them all"
+
+
+def use_compute_cpus() -> None:
+    """Lets the calling thread (an inline instance's, a worker process's first) run on
+    every core the models may use, where the frontend was placed on one."""
+    compute = compute_cpus()
+    if compute:
+        os.sched_setaffinity(0, compute)
+
+
+def _ranges(cpus: list[int]) -> str:
+    """E.g. [0, 1, 2, 5] -> '0-2,5'."""
+    parts: list[str] = []
+    start = prev = cpus[0]
+    for cpu in [*cpus[1:], None]:
+        if cpu is not None and cpu == prev + 1:
+            prev = cpu
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if cpu is not None:
+            start = prev = cpu
+    return ",".join(parts)
 
 
 def _own_cgroups(self_cgroup: Path) -> dict[str, str]:

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+from tiffin.backends import use_compute_cpus
 from tiffin.protos.errors import BackendError, InvalidInput, ModelNotReady, TiffinError
 from tiffin.protos.model_config import ModelConfig
 
@@ -242,6 +243,7 @@ class ModelExecutor:
 
     def _serve_inline(self, instance: InlineInstance) -> None:
         """An inline instance's thread: runs batches until the version stops."""
+        use_compute_cpus()  # the models' cores, not only the frontend's
         while (batch := self._batcher.wait_batch()) is not None:
             with self._batch(instance, batch) as runnable:
                 if runnable:

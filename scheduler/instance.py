@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tiffin.backends import Backend, Device, get_batch_backend
+from tiffin.backends import Backend, Device, get_batch_backend, use_compute_cpus
 from tiffin.protos.errors import BackendError, InvalidInput, ModelNotReady, TiffinError
 from tiffin.protos.model_config import ModelConfig
 
@@ -124,7 +124,10 @@ class InlineInstance:
         self._config = config
         self._version_dir = version_dir
         self._backend: Backend | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inline-{name}")
+        # It loads the backend, whose framework threads inherit its cores: the models'.
+        self._thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"inline-{name}", initializer=use_compute_cpus
+        )
         self.restart_failure: str | None = None  # never restarts: it runs in this process
         self.restarts = 0
 

@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from tiffin.backends import BatchResult
+from tiffin.backends import BatchResult, use_compute_cpus
 from tiffin.protos.errors import InvalidInput
 
 
@@ -42,6 +42,7 @@ def run_worker(
 ) -> None:
     """Entry point of a worker process."""
     os.environ.update(environment)  # before anything imports a framework
+    use_compute_cpus()  # started by a frontend thread: its threads take the models' cores
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the frontend's to handle
 
     from tiffin.backends import Device, get_batch_backend

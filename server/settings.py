@@ -68,6 +68,14 @@ class ServerSettings(BaseModel):
         "(SCHED_BATCH: a thread woken by another does not take its core at once; under load "
         "that spares a switch to a thread that would only wait for Python's lock) or normal.",
     )
+    frontend_core: Literal["auto", "pin", "none"] = Field(
+        "auto",
+        description="Where the frontend's threads (gRPC, HTTP, batching) run: pin keeps them "
+        "on one of the server's cores, and the models' threads on all of them, so that "
+        "Python's lock passes between threads on one core instead of across cores; auto "
+        "pins where cores were set aside for this server (an affinity or cpuset narrower "
+        "than the machine and not cut down by a cgroup quota); none never pins.",
+    )
     grpc_threads: int = Field(
         256,
         ge=1,

@@ -15,6 +15,7 @@ import signal
 import threading
 from pathlib import Path
 
+from tiffin.backends import place_frontend
 from tiffin.bundles.archive import unpack
 from tiffin.bundles.manifest import MANIFEST_FILE, REPOSITORY_DIR, Manifest
 from tiffin.bundles.store import BundleStore
@@ -112,7 +113,9 @@ def _serve(args: argparse.Namespace, bundle: Manifest | None = None) -> int:
             bundle.content_hash,
             len(bundle.files),
         )
-    set_cpu_scheduling(settings.cpu_scheduling)  # before any thread starts: they inherit it
+    # Before any thread starts: threads inherit both.
+    set_cpu_scheduling(settings.cpu_scheduling)
+    log.info("%s", place_frontend(settings.frontend_core))
     server = Server(settings)
     try:
         server.start()
