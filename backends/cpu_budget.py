@@ -105,8 +105,11 @@ def place_frontend(policy: str) -> str:
     core, reason = frontend_core(policy, cpus, os.cpu_count() or len(cpus), read_cpu_budget())
     if core is None:
         return f"frontend threads: on every core the server may use ({reason})"
+    try:
+        os.sched_setaffinity(0, {core})
+    except OSError as exc:  # a cpuset changed under us: serve unplaced rather than not at all
+        return f"frontend threads: on every core the server may use (cannot pin: {exc})"
     os.environ[COMPUTE_CPUS_VARIABLE] = ",".join(str(cpu) for cpu in cpus)
-    os.sched_setaffinity(0, {core})
     models = _ranges(cpus)
     return f"frontend threads: on cpu {core}, the models' threads on cpus {models} ({reason})"
 
