@@ -138,10 +138,20 @@ def frontend_core(
 
 def use_compute_cpus() -> None:
     """Lets the calling thread (an inline instance's, a worker process's first) run on
-    every core the models may use, where the frontend was placed on one."""
+    every core the models may use, where the frontend was placed on one. Never raises: a
+    thread that cannot move (its cpuset shrank since the start) serves from where it is."""
     compute = compute_cpus()
-    if compute:
+    if not compute:
+        return
+    try:
         os.sched_setaffinity(0, compute)
+    except OSError as exc:
+        log.warning(
+            "a model thread stays on the frontend's core: cannot move it to cpus %s (%s); "
+            "restart the server to place its threads on the cores it has now",
+            _ranges(sorted(compute)),
+            exc,
+        )
 
 
 def _ranges(cpus: list[int]) -> str:

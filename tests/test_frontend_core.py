@@ -116,3 +116,18 @@ def test_a_server_keeps_its_frontend_on_one_core(tmp_path, make_server, policy: 
     assert f"frontend threads: on cpu {two[1]}, the models' threads on cpus {both}" in (
         server.log()
     )
+
+
+def test_a_thread_that_cannot_move_keeps_serving(monkeypatch, caplog):
+    """A model thread whose cores are gone (a cpuset shrank) stays where it is, with a
+    warning, instead of dying and leaving its model's requests unanswered."""
+    from tiffin.backends import cpu_budget
+
+    monkeypatch.setenv(cpu_budget.COMPUTE_CPUS_VARIABLE, "0,4095")  # 4095: no such cpu here
+
+    def refuse(pid: int, cpus: set[int]) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(cpu_budget.os, "sched_setaffinity", refuse)
+    cpu_budget.use_compute_cpus()  # does not raise
+    assert "cannot move it to cpus 0,4095" in caplog.text
