@@ -106,9 +106,11 @@ def test_a_failing_canary_is_rolled_back_and_weights_are_set_again(
     to_canary = [i for i, version, _ in outcomes if version == "2"]
     # The rule judged a full window of 20 of the canary's answers (about 70 requests at a 30%
     # share), then every 2: it was out well within the first 300 requests, and after it no
-    # request failed and none went to the canary.
+    # request failed and none went to the canary. (Its last answers before the judgement
+    # may all have succeeded: routing is random, so how far they run past the last failure
+    # is by chance; the 300 requests after show the rollback.)
     assert last_failure < 300, last_failure
-    assert all(i < last_failure + 10 for i in to_canary)
+    assert max(to_canary) < 300, to_canary
     assert sum(1 for i, _, failed in outcomes if i > last_failure and failed) == 0
     index = {
         (m.name, m.version): (m.state, m.reason) for m in client.get_model_repository_index().models
